@@ -1,0 +1,91 @@
+"""Reading and writing volumes with SimpleITK (NIfTI, NRRD, MHA, DICOM series folders)."""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from .geometry import Volume
+
+SUPPORTED_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
+
+
+class ImageReadError(IOError):
+    """An image file could not be read (missing, corrupt or unsupported)."""
+
+
+def _has_supported_suffix(path: Path) -> bool:
+    name = path.name.lower()
+    return any(name.endswith(s) for s in SUPPORTED_SUFFIXES)
+
+
+def volume_from_sitk(image: sitk.Image) -> Volume:
+    if image.GetDimension() != 3:
+        raise ImageReadError(f"expected a 3D image, got {image.GetDimension()}D")
+    if image.GetNumberOfComponentsPerPixel() != 1:
+        raise ImageReadError("multi-component (vector/RGB) images are not supported; give a scalar CT volume")
+    array = sitk.GetArrayFromImage(image)
+    return Volume(
+        array=array,
+        spacing=tuple(image.GetSpacing()[::-1]),
+        origin=tuple(image.GetOrigin()),
+        direction=np.array(image.GetDirection()).reshape(3, 3),
+    )
+
+
+def volume_to_sitk(volume: Volume) -> sitk.Image:
+    image = sitk.GetImageFromArray(np.ascontiguousarray(volume.array))
+    image.SetSpacing(tuple(float(s) for s in volume.spacing[::-1]))
+    image.SetOrigin(tuple(float(o) for o in volume.origin))
+    image.SetDirection(tuple(float(d) for d in np.asarray(volume.direction).ravel()))
+    return image
+
+
+def read_image(path: str | os.PathLike) -> Volume:
+    """Read a 3D image file or a DICOM series folder into a :class:`Volume`."""
+    path = Path(path)
+    if not path.exists():
+        raise ImageReadError(f"image not found: {path}")
+    try:
+        if path.is_dir():
+            reader = sitk.ImageSeriesReader()
+            series = reader.GetGDCMSeriesIDs(str(path))
+            if not series:
+                raise ImageReadError(f"no DICOM series found in folder {path}")
+            if len(series) > 1:
+                raise ImageReadError(
+                    f"folder {path} holds {len(series)} DICOM series; point to a folder with exactly one"
+                )
+            reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(path), series[0]))
+            image = reader.Execute()
+        else:
+            if not _has_supported_suffix(path) and path.suffix.lower() != ".dcm":
+                raise ImageReadError(
+                    f"unsupported image format: {path.name} (supported: {', '.join(SUPPORTED_SUFFIXES)}, DICOM folder)"
+                )
+            image = sitk.ReadImage(str(path))
+    except ImageReadError:
+        raise
+    except RuntimeError as exc:  # SimpleITK reports corrupt files as RuntimeError
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else "unknown error"
+        raise ImageReadError(f"could not read image {path}: {first}") from exc
+    return volume_from_sitk(image)
+
+
+def write_image(volume: Volume, path: str | os.PathLike, compress: bool = True) -> Path:
+    """Write atomically (temp file + rename) so a crash never leaves a half-written output."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    suffix = "".join(path.suffixes[-2:]) if path.name.endswith(".nii.gz") else path.suffix
+    fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=suffix, dir=path.parent)
+    os.close(fd)
+    try:
+        sitk.WriteImage(volume_to_sitk(volume), tmp, compress)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path

@@ -1,0 +1,115 @@
+"""Result containers shared by the segmenter, the tracker, the server and the Slicer module.
+
+Masks are kept as crops (bounding box + boolean block) so that a click on a whole-body
+scan costs memory in proportion to the lesion, not the scan; ``full()`` expands on demand.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterable
+
+import numpy as np
+
+from .geometry import Volume
+
+BBox = tuple[int, int, int, int, int, int]  # (z0, z1, y0, y1, x0, x1), half-open voxel indices
+
+
+def bbox_slices(bbox: BBox) -> tuple[slice, slice, slice]:
+    z0, z1, y0, y1, x0, x1 = bbox
+    return slice(z0, z1), slice(y0, y1), slice(x0, x1)
+
+
+def tight_bbox(mask: np.ndarray) -> BBox | None:
+    """Half-open bounding box of the non-zero voxels, or None when empty."""
+    out: list[int] = []
+    for axis in range(3):
+        other = tuple(a for a in range(3) if a != axis)
+        nz = np.flatnonzero(np.any(mask, axis=other))
+        if nz.size == 0:
+            return None
+        out += [int(nz[0]), int(nz[-1]) + 1]
+    return tuple(out)  # type: ignore[return-value]
+
+
+@dataclass
+class LesionMask:
+    """One lesion's mask on an image grid, stored as a crop."""
+
+    lesion_id: int
+    bbox: BBox
+    mask: np.ndarray  # bool, shape of the bbox
+    probability: np.ndarray | None = None  # float32 foreground probability on the same crop
+    status: str = "found"  # "found" or "not found"
+    center_voxel: tuple[float, float, float] | None = None  # where the prompt pointed (z, y, x)
+
+    @property
+    def voxels(self) -> int:
+        return int(np.count_nonzero(self.mask))
+
+    @property
+    def empty(self) -> bool:
+        return self.voxels == 0
+
+    def full(self, shape: Iterable[int]) -> np.ndarray:
+        out = np.zeros(tuple(shape), dtype=np.uint8)
+        out[bbox_slices(self.bbox)] = self.mask
+        return out
+
+    def full_probability(self, shape: Iterable[int]) -> np.ndarray:
+        out = np.zeros(tuple(shape), dtype=np.float32)
+        if self.probability is not None:
+            out[bbox_slices(self.bbox)] = self.probability
+        return out
+
+    def shrink(self) -> "LesionMask":
+        """Crop to the tight bounding box of the mask (keeps an empty mask as a 0-size box)."""
+        tb = tight_bbox(self.mask)
+        if tb is None:
+            z0, _, y0, _, x0, _ = self.bbox
+            return LesionMask(self.lesion_id, (z0, z0, y0, y0, x0, x0), np.zeros((0, 0, 0), bool), None
+                              if self.probability is None else np.zeros((0, 0, 0), np.float32), self.status,
+                              self.center_voxel)
+        sl = bbox_slices(tb)
+        z0, _, y0, _, x0, _ = self.bbox
+        bbox = (tb[0] + z0, tb[1] + z0, tb[2] + y0, tb[3] + y0, tb[4] + x0, tb[5] + x0)
+        prob = None if self.probability is None else self.probability[sl]
+        return LesionMask(self.lesion_id, bbox, self.mask[sl].copy(), prob, self.status, self.center_voxel)
+
+
+@dataclass
+class SegmentationResult:
+    """Masks of several lesions on one image (the grid of ``image``)."""
+
+    image: Volume
+    lesions: dict[int, LesionMask] = field(default_factory=dict)
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return self.image.shape
+
+    def mask(self, lesion_id: int) -> np.ndarray:
+        return self.lesions[lesion_id].full(self.shape)
+
+    def label_map(self) -> np.ndarray:
+        """Merged instance map: lesion k -> label k; overlaps go to the most probable lesion.
+
+        Label ids above 255 are kept (uint16/uint32 as needed), never wrapped.
+        """
+        max_id = max(self.lesions, default=0)
+        dtype = np.uint8 if max_id <= 255 else (np.uint16 if max_id <= 65535 else np.uint32)
+        labels = np.zeros(self.shape, dtype=dtype)
+        best = np.zeros(self.shape, dtype=np.float32)
+        for lid in sorted(self.lesions):
+            les = self.lesions[lid]
+            if les.empty:
+                continue
+            sl = bbox_slices(les.bbox)
+            prob = les.probability if les.probability is not None else les.mask.astype(np.float32)
+            take = les.mask & (prob > best[sl])
+            labels[sl][take] = lid
+            best[sl][take] = prob[take]
+        return labels
+
+    def label_volume(self) -> Volume:
+        return self.image.with_array(self.label_map())
