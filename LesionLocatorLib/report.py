@@ -207,7 +207,8 @@ def _pct(value: float, ref: float | None) -> float | None:
     return 100.0 * (value - ref) / ref
 
 
-def _atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write text via a temp file in the same folder + os.replace: readers never see half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=path.suffix, dir=path.parent)
@@ -262,7 +263,7 @@ class LongitudinalReport:
             raise ReportError(f"not a longitudinal report: {exc}") from exc
 
     def to_json(self, path: str | os.PathLike) -> Path:
-        return _atomic_write_text(path, json.dumps(self.to_dict(), indent=2))
+        return atomic_write_text(path, json.dumps(self.to_dict(), indent=2))
 
     @classmethod
     def from_json(cls, path: str | os.PathLike) -> "LongitudinalReport":
@@ -297,7 +298,7 @@ class LongitudinalReport:
         writer.writeheader()
         for row in self.rows():
             writer.writerow({k: ("" if v is None else (repr(v) if isinstance(v, float) else v)) for k, v in row.items()})
-        return _atomic_write_text(path, buf.getvalue())
+        return atomic_write_text(path, buf.getvalue())
 
 
 # ------------------------------------------------------------------------------- RECIST

@@ -1,0 +1,274 @@
+"""Score a folder of predicted instance label maps against ground truth.
+
+``lesionlocator evaluate --pred DIR --gt DIR [--mode seg|track] [--patients-json F] -o OUT``
+
+Files are matched by case name (file name without its image suffix, so ``a.nii.gz`` matches
+``a.nrrd``); both files must be instance label maps (0 = background, k = lesion k) on the same
+grid. Every ground-truth case needs a prediction.
+
+* ``seg``: per gt lesion, Dice and normalised surface Dice (2 mm) of prediction label k vs gt
+  label k. Predicted ids without a gt lesion are listed per scan but not scored.
+* ``track``: the predictions are the tracker's follow-up masks (ids kept from the baseline);
+  per scan CPM@25, Dice@25, MED and total Dice (see :mod:`LesionLocatorLib.metrics`).
+
+Summary values are averaged first over the lesions of a scan, then over scans with each patient
+weighted equally (``--patients-json``: ``{"scan": "patient"}`` or ``{"patient": ["scan", ...]}``;
+without it every scan is its own patient). Outputs: ``lesions.csv``, ``scans.csv``,
+``summary.json`` in the output folder (NaN/None are empty CSV cells and JSON null).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import math
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+from scipy import ndimage
+
+from .geometry import Volume
+from .image_io import SUPPORTED_SUFFIXES, ImageReadError, read_image
+from .metrics import MetricError, aggregate, dice, normalized_surface_dice, tracking_metrics
+from .report import atomic_write_text
+
+MODES = ("seg", "track")
+SEG_METRICS = ("dice", "nsd")
+TRACK_METRICS = ("cpm", "dice_matched", "med", "total_dice")
+
+
+class EvaluationError(ValueError):
+    """Folders, files or geometries that cannot be scored as asked."""
+
+
+def case_name(path: Path) -> str | None:
+    """File name without its image suffix, or None for files that are not images."""
+    name = path.name
+    for suffix in sorted(SUPPORTED_SUFFIXES, key=len, reverse=True):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return None
+
+
+def find_cases(folder: str | os.PathLike) -> dict[str, Path]:
+    """{case name: path} of the image files directly in ``folder``."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise EvaluationError(f"not a folder: {folder}")
+    out: dict[str, Path] = {}
+    for p in sorted(folder.iterdir()):
+        name = case_name(p) if p.is_file() and not p.name.startswith(".") else None
+        if name is None:
+            continue
+        if name in out:
+            raise EvaluationError(f"two images for case {name!r} in {folder}: {out[name].name} and {p.name}")
+        out[name] = p
+    return out
+
+
+def load_patients(source: str | os.PathLike | Mapping[str, Any]) -> dict[str, str]:
+    """{scan: patient} from ``{"scan": "patient"}`` or ``{"patient": ["scan", ...]}`` (a dict or JSON file)."""
+    if isinstance(source, Mapping):
+        data: Any = source
+    else:
+        try:
+            data = json.loads(Path(source).read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as exc:
+            raise EvaluationError(f"cannot read patients file {source}: {exc}") from exc
+    if not isinstance(data, Mapping):
+        raise EvaluationError("patients JSON must be an object")
+    out: dict[str, str] = {}
+    for key, value in data.items():
+        if isinstance(value, str):
+            out[str(key)] = value
+        elif isinstance(value, list) and all(isinstance(v, str) for v in value):
+            for scan in value:
+                if scan in out and out[scan] != key:
+                    raise EvaluationError(f"scan {scan!r} is listed for patients {out[scan]!r} and {key!r}")
+                out[scan] = str(key)
+        else:
+            raise EvaluationError(f"patients JSON entry {key!r}: expected a patient id or a list of scan names")
+    return out
+
+
+def _finite_or_none(v: Any) -> Any:
+    if isinstance(v, (float, np.floating)):
+        return float(v) if math.isfinite(v) else None
+    if isinstance(v, np.integer):
+        return int(v)
+    if isinstance(v, np.bool_):
+        return bool(v)
+    return v
+
+
+def _to_csv(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> str:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(columns), lineterminator="\n", extrasaction="ignore")
+    w.writeheader()
+    for row in rows:
+        w.writerow({k: ("" if (v := _finite_or_none(row.get(k))) is None else v) for k in columns})
+    return buf.getvalue()
+
+
+@dataclass
+class EvaluationTable:
+    """Per-lesion rows, per-scan rows and the patient-weighted summary."""
+
+    mode: str
+    lesions: list[dict[str, Any]]
+    scans: list[dict[str, Any]]
+    summary: dict[str, Any]
+    lesion_columns: list[str] = field(default_factory=list)
+    scan_columns: list[str] = field(default_factory=list)
+
+    def write(self, out_dir: str | os.PathLike) -> dict[str, Path]:
+        out_dir = Path(out_dir)
+        return {
+            "lesions": atomic_write_text(out_dir / "lesions.csv", _to_csv(self.lesions, self.lesion_columns)),
+            "scans": atomic_write_text(out_dir / "scans.csv", _to_csv(self.scans, self.scan_columns)),
+            "summary": atomic_write_text(out_dir / "summary.json", json.dumps(
+                {k: _finite_or_none(v) for k, v in self.summary.items()}, indent=2)),
+        }
+
+
+def _read_labels(path: Path, what: str) -> Volume:
+    vol = read_image(path)
+    arr = vol.array
+    if np.issubdtype(arr.dtype, np.floating):
+        if not np.all(arr == np.round(arr)):
+            raise EvaluationError(f"{what} {path.name} holds non-integer values; expected an instance label map")
+        arr = arr.astype(np.int64)
+    if arr.size and arr.min() < 0:
+        raise EvaluationError(f"{what} {path.name} holds negative labels")
+    vol.array = arr
+    return vol
+
+
+def _seg_scan(pred: np.ndarray, gt: np.ndarray, spacing: Sequence[float], tolerance_mm: float) -> list[dict[str, Any]]:
+    """Dice and NSD per gt lesion, each computed on the crop around both masks (same values, far less work)."""
+    n = int(max(pred.max(initial=0), gt.max(initial=0)))
+    gt_boxes = ndimage.find_objects(gt, max_label=n)
+    pred_boxes = ndimage.find_objects(pred, max_label=n)
+    rows = []
+    for lid in range(1, n + 1):
+        gb = gt_boxes[lid - 1]
+        if gb is None:
+            continue
+        pb = pred_boxes[lid - 1]
+        box = gb if pb is None else tuple(slice(min(a.start, b.start), max(a.stop, b.stop)) for a, b in zip(gb, pb))
+        p, g = pred[box] == lid, gt[box] == lid
+        rows.append({"lesion_id": lid, "dice": dice(p, g), "nsd": normalized_surface_dice(p, g, spacing, tolerance_mm),
+                     "gt_voxels": int(g.sum()), "pred_voxels": int(p.sum())})
+    return rows
+
+
+def evaluate_folder(pred_dir: str | os.PathLike, gt_dir: str | os.PathLike, mode: str = "seg",
+                    patients: str | os.PathLike | Mapping[str, Any] | None = None, tolerance_mm: float = 2.0,
+                    match_mm: float = 25.0, output_dir: str | os.PathLike | None = None) -> EvaluationTable:
+    """Score every gt case of ``gt_dir`` against the prediction of the same name in ``pred_dir``."""
+    if mode not in MODES:
+        raise EvaluationError(f"mode must be one of {MODES}, got {mode!r}")
+    gt_cases, pred_cases = find_cases(gt_dir), find_cases(pred_dir)
+    if not gt_cases:
+        raise EvaluationError(f"no ground-truth images ({', '.join(SUPPORTED_SUFFIXES)}) in {gt_dir}")
+    missing = sorted(set(gt_cases) - set(pred_cases))
+    if missing:
+        shown = ", ".join(missing[:10]) + (" ..." if len(missing) > 10 else "")
+        raise EvaluationError(f"{len(missing)} ground-truth case(s) have no prediction in {pred_dir}: {shown}")
+    scan_patient = {c: c for c in gt_cases}
+    if patients is not None:
+        mapping = load_patients(patients)
+        unlisted = sorted(set(gt_cases) - set(mapping))
+        if unlisted:
+            raise EvaluationError(f"scans missing from the patients file: {', '.join(unlisted[:10])}")
+        scan_patient = {c: mapping[c] for c in gt_cases}
+
+    lesion_rows: list[dict[str, Any]] = []
+    scan_rows: list[dict[str, Any]] = []
+    for case in sorted(gt_cases):
+        try:
+            gt = _read_labels(gt_cases[case], "ground truth")
+            pred = _read_labels(pred_cases[case], "prediction")
+        except ImageReadError as exc:
+            raise EvaluationError(str(exc)) from exc
+        if not pred.same_grid(gt, tol=1e-3):
+            raise EvaluationError(
+                f"case {case!r}: prediction grid (shape {pred.shape}, spacing {pred.spacing}, origin {pred.origin}) "
+                f"does not match the ground truth (shape {gt.shape}, spacing {gt.spacing}, origin {gt.origin})")
+        base = {"patient": scan_patient[case], "scan": case}
+        gt_ids = {int(i) for i in np.unique(gt.array) if i}
+        extra = sorted(int(i) for i in np.unique(pred.array) if i and int(i) not in gt_ids)
+        try:
+            if mode == "seg":
+                rows = _seg_scan(pred.array, gt.array, gt.spacing, tolerance_mm)
+                scan = {m: float(np.mean([r[m] for r in rows])) if rows else math.nan for m in SEG_METRICS}
+            else:
+                res = tracking_metrics(pred.array, gt.array, gt.spacing, volume=gt, match_mm=match_mm)
+                rows = res.lesion_rows()
+                for r, les in zip(rows, res.lesions):
+                    r["hit"] = les.hit
+                scan = {"cpm": res.cpm, "dice_matched": res.dice_matched, "med": res.med, "total_dice": res.total_dice}
+        except MetricError as exc:
+            raise EvaluationError(f"case {case!r}: {exc}") from exc
+        lesion_rows += [{**base, **r} for r in rows]
+        scan_rows.append({**base, "n_lesions": len(rows), **scan,
+                          "extra_pred_ids": " ".join(map(str, extra))})
+
+    metrics = SEG_METRICS if mode == "seg" else TRACK_METRICS
+    summary: dict[str, Any] = {
+        "mode": mode, "n_scans": len(scan_rows), "n_patients": len(set(scan_patient.values())),
+        "n_lesions": len(lesion_rows),
+        "scans_without_lesions": [s["scan"] for s in scan_rows if s["n_lesions"] == 0],
+        "unmatched_predictions": sorted(set(pred_cases) - set(gt_cases)),
+    }
+    if mode == "seg":
+        summary["tolerance_mm"] = float(tolerance_mm)
+    else:
+        summary["match_mm"] = float(match_mm)
+    summary.update(aggregate(lesion_rows, metrics))
+    if mode == "seg":
+        lesion_cols = ["patient", "scan", "lesion_id", "dice", "nsd", "gt_voxels", "pred_voxels"]
+    else:
+        lesion_cols = ["patient", "scan", "lesion_id", "hit", "distance_mm", "dice", "cpm", "dice_matched", "med",
+                       "total_dice"]
+    scan_cols = ["patient", "scan", "n_lesions", *metrics, "extra_pred_ids"]
+    table = EvaluationTable(mode, lesion_rows, scan_rows, summary, lesion_cols, scan_cols)
+    if output_dir is not None:
+        table.write(output_dir)
+    return table
+
+
+# ------------------------------------------------------------------------------------ CLI
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--pred", required=True, help="folder of predicted instance label maps")
+    parser.add_argument("--gt", required=True, help="folder of ground-truth instance label maps (same file names)")
+    parser.add_argument("--mode", choices=MODES, default="seg",
+                        help="seg: Dice + NSD per lesion; track: CPM@25, Dice@25, MED, total Dice (default seg)")
+    parser.add_argument("--patients-json", default=None,
+                        help='{"scan": "patient"} or {"patient": ["scan", ...]}; default: one patient per scan')
+    parser.add_argument("--tolerance-mm", type=float, default=2.0, help="NSD tolerance in mm (default 2)")
+    parser.add_argument("--match-mm", type=float, default=25.0, help="tracking hit distance in mm (default 25)")
+    parser.add_argument("-o", "--output", default=None,
+                        help="folder for lesions.csv, scans.csv, summary.json (default: print only)")
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        table = evaluate_folder(args.pred, args.gt, mode=args.mode, patients=args.patients_json,
+                                tolerance_mm=args.tolerance_mm, match_mm=args.match_mm, output_dir=args.output)
+    except (EvaluationError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    s = table.summary
+    metrics = SEG_METRICS if table.mode == "seg" else TRACK_METRICS
+    print(f"{s['n_scans']} scans, {s['n_patients']} patients, {s['n_lesions']} lesions ({table.mode}, patient-weighted):")
+    for m in metrics:
+        print(f"  {m:13s} {s[m]:.4f}" if math.isfinite(s[m]) else f"  {m:13s} n/a")
+    if args.output:
+        print(f"wrote {Path(args.output) / 'lesions.csv'}, scans.csv, summary.json")
+    return 0
