@@ -4,7 +4,9 @@
 
 Files are matched by case name (file name without its image suffix, so ``a.nii.gz`` matches
 ``a.nrrd``); both files must be instance label maps (0 = background, k = lesion k) on the same
-grid. Every ground-truth case needs a prediction.
+grid. Instead of one label map a case may have the published tool's one-file-per-lesion output,
+``<case>_lesion_<k>.nii.gz`` (non-zero = lesion k; overlaps between lesions are kept). Every
+ground-truth case needs a prediction.
 
 * ``seg``: per gt lesion, Dice and normalised surface Dice (2 mm) of prediction label k vs gt
   label k. Predicted ids without a gt lesion are listed per scan but not scored.
@@ -24,6 +26,7 @@ import io
 import json
 import math
 import os
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +41,7 @@ from .metrics import MetricError, aggregate, dice, normalized_surface_dice, trac
 from .report import atomic_write_text
 
 MODES = ("seg", "track")
+_LESION_FILE = re.compile(r"^(?P<case>.+)_lesion_(?P<id>\d+)$")
 SEG_METRICS = ("dice", "nsd")
 TRACK_METRICS = ("cpm", "dice_matched", "med", "total_dice")
 
@@ -149,22 +153,90 @@ def _read_labels(path: Path, what: str) -> Volume:
     return vol
 
 
-def _seg_scan(pred: np.ndarray, gt: np.ndarray, spacing: Sequence[float], tolerance_mm: float) -> list[dict[str, Any]]:
-    """Dice and NSD per gt lesion, each computed on the crop around both masks (same values, far less work)."""
-    n = int(max(pred.max(initial=0), gt.max(initial=0)))
-    gt_boxes = ndimage.find_objects(gt, max_label=n)
-    pred_boxes = ndimage.find_objects(pred, max_label=n)
+Crops = dict[int, tuple[tuple[slice, ...], np.ndarray]]  # id -> (bounding box, bool mask inside it)
+
+
+def _crops_of_labels(labels: np.ndarray) -> Crops:
+    n = int(labels.max(initial=0))
+    return {i + 1: (box, labels[box] == i + 1)
+            for i, box in enumerate(ndimage.find_objects(labels, max_label=n)) if box is not None}
+
+
+def _crops_of_masks(masks: Mapping[int, np.ndarray]) -> Crops:
+    out: Crops = {}
+    for lid, m in masks.items():
+        objs = ndimage.find_objects(m.astype(np.uint8), max_label=1)
+        if objs and objs[0] is not None:
+            out[lid] = (objs[0], m[objs[0]])
+    return out
+
+
+def _in_box(item: tuple[tuple[slice, ...], np.ndarray] | None, box: tuple[slice, ...]) -> np.ndarray:
+    """A cropped mask pasted into the (larger) box ``box``."""
+    out = np.zeros(tuple(b.stop - b.start for b in box), bool)
+    if item is not None:
+        sub, m = item
+        out[tuple(slice(s.start - b.start, s.stop - b.start) for s, b in zip(sub, box))] = m
+    return out
+
+
+def _seg_scan(pred: Crops, gt: Crops, spacing: Sequence[float], tolerance_mm: float) -> list[dict[str, Any]]:
+    """Dice and NSD per gt lesion, each on the box around both masks (same values as on the full
+    arrays: every voxel outside the box is background for both)."""
     rows = []
-    for lid in range(1, n + 1):
-        gb = gt_boxes[lid - 1]
-        if gb is None:
-            continue
-        pb = pred_boxes[lid - 1]
-        box = gb if pb is None else tuple(slice(min(a.start, b.start), max(a.stop, b.stop)) for a, b in zip(gb, pb))
-        p, g = pred[box] == lid, gt[box] == lid
+    for lid in sorted(gt):
+        gb = gt[lid][0]
+        pb = pred[lid][0] if lid in pred else gb
+        box = tuple(slice(min(a.start, b.start), max(a.stop, b.stop)) for a, b in zip(gb, pb))
+        p, g = _in_box(pred.get(lid), box), _in_box(gt[lid], box)
         rows.append({"lesion_id": lid, "dice": dice(p, g), "nsd": normalized_surface_dice(p, g, spacing, tolerance_mm),
                      "gt_voxels": int(g.sum()), "pred_voxels": int(p.sum())})
     return rows
+
+
+def _pred_sources(pred_cases: Mapping[str, Path], gt_cases: Mapping[str, Path]) -> dict[str, Path | dict[int, Path]]:
+    """Prediction of each gt case: one label map ``<case>``, or published-style per-lesion files
+    ``<case>_lesion_<k>`` (binary masks of lesion k). Raises when a case has neither."""
+    out: dict[str, Path | dict[int, Path]] = {}
+    missing = []
+    for case in gt_cases:
+        if case in pred_cases:
+            out[case] = pred_cases[case]
+            continue
+        per_lesion = {}
+        for name, path in pred_cases.items():
+            m = _LESION_FILE.match(name)
+            if m and m.group("case") == case:
+                per_lesion[int(m.group("id"))] = path
+        if per_lesion:
+            out[case] = dict(sorted(per_lesion.items()))
+        else:
+            missing.append(case)
+    if missing:
+        missing.sort()
+        shown = ", ".join(missing[:10]) + (" ..." if len(missing) > 10 else "")
+        raise EvaluationError(f"{len(missing)} ground-truth case(s) have no prediction "
+                              f"(<case> or <case>_lesion_<k>): {shown}")
+    return out
+
+
+def _read_prediction(source: Path | dict[int, Path], gt: Volume, case: str) -> np.ndarray | dict[int, np.ndarray]:
+    items = source.items() if isinstance(source, dict) else [(None, source)]
+    loaded = {}
+    for lid, path in items:
+        try:
+            vol = _read_labels(path, "prediction")
+        except ImageReadError as exc:
+            raise EvaluationError(str(exc)) from exc
+        if not vol.same_grid(gt, tol=1e-3):
+            raise EvaluationError(
+                f"case {case!r}: prediction {path.name} grid (shape {vol.shape}, spacing {vol.spacing}, origin "
+                f"{vol.origin}) does not match the ground truth (shape {gt.shape}, spacing {gt.spacing}, "
+                f"origin {gt.origin})")
+        loaded[lid] = vol.array
+    if not isinstance(source, dict):
+        return loaded[None]
+    return {int(lid): arr != 0 for lid, arr in loaded.items()}
 
 
 def evaluate_folder(pred_dir: str | os.PathLike, gt_dir: str | os.PathLike, mode: str = "seg",
@@ -176,10 +248,7 @@ def evaluate_folder(pred_dir: str | os.PathLike, gt_dir: str | os.PathLike, mode
     gt_cases, pred_cases = find_cases(gt_dir), find_cases(pred_dir)
     if not gt_cases:
         raise EvaluationError(f"no ground-truth images ({', '.join(SUPPORTED_SUFFIXES)}) in {gt_dir}")
-    missing = sorted(set(gt_cases) - set(pred_cases))
-    if missing:
-        shown = ", ".join(missing[:10]) + (" ..." if len(missing) > 10 else "")
-        raise EvaluationError(f"{len(missing)} ground-truth case(s) have no prediction in {pred_dir}: {shown}")
+    sources = _pred_sources(pred_cases, gt_cases)
     scan_patient = {c: c for c in gt_cases}
     if patients is not None:
         mapping = load_patients(patients)
@@ -193,22 +262,19 @@ def evaluate_folder(pred_dir: str | os.PathLike, gt_dir: str | os.PathLike, mode
     for case in sorted(gt_cases):
         try:
             gt = _read_labels(gt_cases[case], "ground truth")
-            pred = _read_labels(pred_cases[case], "prediction")
         except ImageReadError as exc:
             raise EvaluationError(str(exc)) from exc
-        if not pred.same_grid(gt, tol=1e-3):
-            raise EvaluationError(
-                f"case {case!r}: prediction grid (shape {pred.shape}, spacing {pred.spacing}, origin {pred.origin}) "
-                f"does not match the ground truth (shape {gt.shape}, spacing {gt.spacing}, origin {gt.origin})")
+        pred = _read_prediction(sources[case], gt, case)
         base = {"patient": scan_patient[case], "scan": case}
-        gt_ids = {int(i) for i in np.unique(gt.array) if i}
-        extra = sorted(int(i) for i in np.unique(pred.array) if i and int(i) not in gt_ids)
+        gt_crops = _crops_of_labels(gt.array)
+        pred_crops = _crops_of_masks(pred) if isinstance(pred, dict) else _crops_of_labels(pred)
+        extra = sorted(set(pred_crops) - set(gt_crops))
         try:
             if mode == "seg":
-                rows = _seg_scan(pred.array, gt.array, gt.spacing, tolerance_mm)
+                rows = _seg_scan(pred_crops, gt_crops, gt.spacing, tolerance_mm)
                 scan = {m: float(np.mean([r[m] for r in rows])) if rows else math.nan for m in SEG_METRICS}
             else:
-                res = tracking_metrics(pred.array, gt.array, gt.spacing, volume=gt, match_mm=match_mm)
+                res = tracking_metrics(pred, gt.array, gt.spacing, volume=gt, match_mm=match_mm)
                 rows = res.lesion_rows()
                 for r, les in zip(rows, res.lesions):
                     r["hit"] = les.hit
@@ -219,12 +285,13 @@ def evaluate_folder(pred_dir: str | os.PathLike, gt_dir: str | os.PathLike, mode
         scan_rows.append({**base, "n_lesions": len(rows), **scan,
                           "extra_pred_ids": " ".join(map(str, extra))})
 
+    used_names = {case_name(p) for src in sources.values() for p in (src.values() if isinstance(src, dict) else [src])}
     metrics = SEG_METRICS if mode == "seg" else TRACK_METRICS
     summary: dict[str, Any] = {
         "mode": mode, "n_scans": len(scan_rows), "n_patients": len(set(scan_patient.values())),
         "n_lesions": len(lesion_rows),
         "scans_without_lesions": [s["scan"] for s in scan_rows if s["n_lesions"] == 0],
-        "unmatched_predictions": sorted(set(pred_cases) - set(gt_cases)),
+        "unmatched_predictions": sorted(set(pred_cases) - used_names),
     }
     if mode == "seg":
         summary["tolerance_mm"] = float(tolerance_mm)

@@ -156,3 +156,52 @@ def test_cli_run(seg_folders, capsys):
     assert run(args) == 2
     assert "not a folder" in capsys.readouterr().err
     assert math.isfinite(json.loads((tmp / "cli" / "summary.json").read_text())["nsd"])
+
+
+def test_real_sarcoma_gtv_shifted(shared_data, tmp_path):
+    """Real GTV (STS_002, 3.27 mm slices) against itself moved up two slices.
+
+    The centre moves by exactly 2 x 3.27 = 6.54 mm (a hit, MED 6.54); the cropped per-lesion
+    Dice / NSD of the folder evaluation must equal the metrics on the full arrays.
+    """
+    from LesionLocatorLib.image_io import read_image
+    from LesionLocatorLib.metrics import dice, normalized_surface_dice
+
+    path = shared_data / "sts" / "STS_002_lesions.nii.gz"
+    if not path.exists():
+        pytest.skip(f"real data not available: {path}")
+    gt = read_image(path)
+    g = (gt.array == 1).astype(np.uint8)
+    zs = np.flatnonzero(g.any(axis=(1, 2)))
+    assert zs[-1] + 2 < g.shape[0]  # the shift stays inside the image
+    p = np.zeros_like(g)
+    p[2:] = g[:-2]
+    for folder, arr in (("gt", g), ("pred", p)):
+        write_image(gt.with_array(arr), tmp_path / folder / "STS_002.nii.gz")
+    seg = evaluate_folder(tmp_path / "pred", tmp_path / "gt", mode="seg")
+    assert seg.lesions[0]["dice"] == pytest.approx(dice(p, g))
+    assert seg.lesions[0]["nsd"] == pytest.approx(normalized_surface_dice(p, g, gt.spacing, 2.0))
+    assert 0.5 < seg.summary["dice"] < 1.0 and 0.0 < seg.summary["nsd"] < 1.0
+    trk = evaluate_folder(tmp_path / "pred", tmp_path / "gt", mode="track")
+    assert trk.summary["cpm"] == 1.0
+    assert trk.summary["med"] == pytest.approx(2 * gt.spacing[0], abs=1e-4)
+    assert trk.summary["dice_matched"] == pytest.approx(seg.summary["dice"])
+
+
+def test_published_one_file_per_lesion_layout(seg_folders):
+    """<case>_lesion_<k> files (the published tool's output) score like one merged label map."""
+    pred, gt, tmp = seg_folders
+    from LesionLocatorLib.image_io import read_image
+
+    merged = read_image(pred / "a.nii.gz").array
+    (pred / "a.nii.gz").unlink()
+    for k in (1, 2):
+        write(pred / f"a_lesion_{k}.nii.gz", (merged == k).astype(np.uint8))
+    write(pred / "a_lesion_3.nii.gz", np.zeros_like(merged))  # an empty extra lesion file
+    table = evaluate_folder(pred, gt, mode="seg")
+    by = {(r["scan"], r["lesion_id"]): r for r in table.lesions}
+    assert by[("a", 1)]["dice"] == pytest.approx(0.75) and by[("a", 1)]["nsd"] == pytest.approx(NSD_SHIFT)
+    assert by[("a", 2)]["dice"] == 1.0
+    assert table.summary["unmatched_predictions"] == ["orphan"]
+    trk = evaluate_folder(pred, gt, mode="track")
+    assert {(r["scan"], r["lesion_id"]): r["hit"] for r in trk.lesions}[("a", 1)]

@@ -264,3 +264,26 @@ def test_json_and_csv_round_trip(tmp_path):
                 assert float(got[k]) == v  # full precision survives
             else:
                 assert got[k] == str(v)
+
+
+# ------------------------------------------------------------------------------ real data
+@pytest.mark.parametrize("case, long_mm, volume_ml", [("STS_002", 55.0, 53.0), ("STS_003", 53.0, 80.0)])
+def test_real_sarcoma_gtv_measurements(shared_data, case, long_mm, volume_ml):
+    """Real CT GTVs (0.98 x 0.98 x 3.27 mm) against the long axis and volume listed in the data README.
+
+    The README values are rounded (to 1 mm / 1 ml) and not tied to the voxel-extent convention; extents
+    add at most one in-plane voxel diagonal (1.38 mm) to a centre-based caliper, so the long axis must lie
+    in [listed - 0.5, listed + 0.5 + 1.38] mm.
+    """
+    from LesionLocatorLib.image_io import read_image
+
+    path = shared_data / "sts" / f"{case}_lesions.nii.gz"
+    if not path.exists():
+        pytest.skip(f"real data not available: {path}")
+    lab = read_image(path)
+    rep = build_report([("baseline", lab, {1: lab.array == 1})])
+    m = rep.measurement(1, "baseline")
+    assert abs(m.volume_ml - volume_ml) <= 0.5 + 0.5  # rounding of the listed value + partial voxels
+    assert long_mm - 0.5 <= m.long_axis_mm <= long_mm + 0.5 + math.hypot(*lab.spacing[1:])
+    assert 0 < m.short_axis_mm <= m.long_axis_mm
+    assert rep.summaries[0].sld_mm == m.long_axis_mm
