@@ -43,6 +43,7 @@ VOLUME_MAGIC = b"LLV1"
 MASKS_MAGIC = b"LLM1"
 VOLUME_MEDIA_TYPE = "application/x-lesionlocator-volume"
 MASKS_MEDIA_TYPE = "application/x-lesionlocator-masks"
+BUNDLES_MEDIA_TYPE = "application/x-lesionlocator-bundles"
 
 MAX_HEADER_BYTES = 64 * 1024
 DEFAULT_CHUNK_BYTES = 8 * 1024 * 1024
@@ -190,6 +191,7 @@ class VolumeDecoder:
 
     max_voxels: int = DEFAULT_MAX_VOXELS
     max_stream_bytes: int | None = None
+    max_raw_bytes: int | None = None
     header: dict | None = None
     _buf: bytearray = field(default_factory=bytearray)
     _out: np.ndarray | None = None
@@ -254,6 +256,11 @@ class VolumeDecoder:
         n_vox = int(np.prod(shape, dtype=np.int64))
         if n_vox > self.max_voxels:
             raise PayloadTooLarge(f"volume of {shape} = {n_vox} voxels exceeds the limit of {self.max_voxels}")
+        if self.max_raw_bytes is not None and n_vox * dtype.itemsize > self.max_raw_bytes:
+            raise PayloadTooLarge(
+                f"volume of {shape} x {dtype} = {n_vox * dtype.itemsize / 2**20:.1f} MiB exceeds the limit of "
+                f"{self.max_raw_bytes / 2**20:.1f} MiB uncompressed"
+            )
         if h.get("raw_nbytes") != n_vox * dtype.itemsize:
             raise WireError(f"raw_nbytes {h.get('raw_nbytes')!r} does not match shape {shape} x {dtype}")
         chunk = h.get("chunk_bytes")
@@ -479,4 +486,34 @@ def decode_mask_prompt(obj: Mapping[str, Any], shape: tuple[int, int, int]) -> n
     out = np.zeros(shape, np.uint8)
     out[b[0]:b[1], b[2]:b[3], b[4]:b[5]] = np.unpackbits(
         np.frombuffer(packed, np.uint8), count=n, bitorder="big").reshape(crop)
+    return out
+
+
+# --------------------------------------------------------------------------------------
+# several mask bundles in one reply (tracking: one bundle per follow-up image)
+_U64 = struct.Struct("<Q")
+
+
+def pack_bundles(parts: list[bytes]) -> bytes:
+    """u32 count, then (u64 length, mask bundle) per part."""
+    return _U32.pack(len(parts)) + b"".join(_U64.pack(len(p)) + p for p in parts)
+
+
+def unpack_bundles(data: bytes) -> list[bytes]:
+    """Inverse of :func:`pack_bundles`; every length is checked against the data."""
+    if len(data) < 4:
+        raise WireError("truncated bundle list")
+    (n,) = _U32.unpack_from(data, 0)
+    pos, out = 4, []
+    for _ in range(n):
+        if pos + 8 > len(data):
+            raise WireError("truncated bundle list")
+        (ln,) = _U64.unpack_from(data, pos)
+        pos += 8
+        if pos + ln > len(data):
+            raise WireError("truncated bundle list")
+        out.append(data[pos:pos + ln])
+        pos += ln
+    if pos != len(data):
+        raise WireError("trailing bytes after the bundle list")
     return out
