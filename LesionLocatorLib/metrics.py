@@ -224,6 +224,8 @@ def tracking_metrics(pred: np.ndarray | Mapping[int, np.ndarray], gt: np.ndarray
         raise MetricError(f"pred and gt masks have different shapes: {sorted(shapes)}")
     if volume is not None and shapes and volume.shape not in shapes:
         raise MetricError(f"volume shape {volume.shape} does not match the masks {shapes.pop()}")
+    if volume is not None and not np.allclose(volume.spacing, sp, atol=1e-4):
+        raise MetricError(f"volume spacing {volume.spacing} differs from spacing_zyx {sp}")
     rows: list[LesionTracking] = []
     for lid in sorted(g_les):
         g = g_les[lid]

@@ -37,6 +37,7 @@ non-target lesions are out of scope: the report cannot tell a node from another 
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import os
@@ -92,23 +93,32 @@ class SliceDiameters:
     short_ends: np.ndarray  # (2, 2)
 
 
-def slice_diameters(mask2d: np.ndarray, spacing_rc: Sequence[float]) -> SliceDiameters | None:
-    """Long and short axis (mm) of one slice's mask, or None when the slice is empty.
-
-    ``spacing_rc`` is the physical spacing of the slice's (row, col) array axes.
-    """
+def _long_axis(mask2d: np.ndarray, spacing_rc: Sequence[float]
+               ) -> tuple[float, np.ndarray, np.ndarray, int, int] | None:
+    """(long axis mm, hull in mm, hull in index coordinates, end vertex i, end vertex j) or None."""
     pts_idx = _corner_points(mask2d)
     if len(pts_idx) == 0:
         return None
-    scale = np.asarray(spacing_rc, dtype=np.float64)
-    pts = pts_idx * scale
+    pts = pts_idx * np.asarray(spacing_rc, dtype=np.float64)
     # A non-empty voxel set always has non-collinear corners, so the hull exists.
     vertices = ConvexHull(pts).vertices  # counter-clockwise polygon
     hull, hull_idx = pts[vertices], pts_idx[vertices]
     diff = hull[:, None, :] - hull[None, :, :]
     dist2 = np.einsum("ijk,ijk->ij", diff, diff)
     i, j = np.unravel_index(int(np.argmax(dist2)), dist2.shape)
-    long_mm = float(math.sqrt(dist2[i, j]))
+    return float(math.sqrt(dist2[i, j])), hull, hull_idx, int(i), int(j)
+
+
+def slice_diameters(mask2d: np.ndarray, spacing_rc: Sequence[float]) -> SliceDiameters | None:
+    """Long and short axis (mm) of one slice's mask, or None when the slice is empty.
+
+    ``spacing_rc`` is the physical spacing of the slice's (row, col) array axes.
+    """
+    got = _long_axis(mask2d, spacing_rc)
+    if got is None:
+        return None
+    long_mm, hull, hull_idx, i, j = got
+    scale = np.asarray(spacing_rc, dtype=np.float64)
     u = (hull[j] - hull[i]) / long_mm
     n = np.array([-u[1], u[0]])
     along = hull @ u
@@ -291,8 +301,6 @@ class LongitudinalReport:
 
     def to_csv(self, path: str | os.PathLike) -> Path:
         """Write :meth:`rows` as CSV (None -> empty cell; floats with full precision)."""
-        import io
-
         buf = io.StringIO()
         writer = csv.DictWriter(buf, fieldnames=list(ROW_COLUMNS), lineterminator="\n")
         writer.writeheader()
@@ -363,13 +371,13 @@ def measure_lesion(geometry: Volume, mask: MaskLike) -> dict[str, Any] | None:
     in_plane = [a for a in range(3) if a != ax]
     spacing_rc = [geometry.spacing[a] for a in in_plane]
     stack = np.moveaxis(crop, ax, 0)
-    best: tuple[int, SliceDiameters] | None = None
-    for k in range(stack.shape[0]):
-        d = slice_diameters(stack[k], spacing_rc)
-        if d is not None and (best is None or d.long_mm > best[1].long_mm + 1e-9):
-            best = (k, d)
-    assert best is not None  # the crop is non-empty
-    k, d = best
+    longest, k = -1.0, 0
+    for z in range(stack.shape[0]):  # the short axis is only needed on the chosen slice
+        got = _long_axis(stack[z], spacing_rc)
+        if got is not None and got[0] > longest + 1e-9:
+            longest, k = got[0], z
+    d = slice_diameters(stack[k], spacing_rc)
+    assert d is not None  # slice k is non-empty
 
     def to_world(ends_rc: np.ndarray) -> tuple[Point3, Point3]:
         pts = np.zeros((2, 3))

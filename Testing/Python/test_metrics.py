@@ -138,6 +138,8 @@ def test_tracking_metrics_world_centres_with_rotated_volume():
     assert np.allclose(les1.gt_center_mm, vol.voxel_to_world((14.5, 3.5, 3.5)))
     assert les1.distance_mm == pytest.approx(20.0)  # rotation keeps distances
     assert res.cpm == pytest.approx(1 / 3)
+    with pytest.raises(MetricError, match="spacing"):
+        tracking_metrics(pred, gt, (1.0, 1.0, 1.0), volume=vol)
 
 
 def test_tracking_accepts_dicts_and_checks_shapes():
