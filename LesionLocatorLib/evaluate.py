@@ -33,11 +33,11 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
-from scipy import ndimage
 
 from .geometry import Volume
 from .image_io import SUPPORTED_SUFFIXES, ImageReadError, read_image
-from .metrics import MetricError, aggregate, dice, normalized_surface_dice, tracking_metrics
+from .metrics import (Crops, MetricError, aggregate, dice, in_box, lesion_crops, normalized_surface_dice,
+                      tracking_metrics, union_box)
 from .report import atomic_write_text
 
 MODES = ("seg", "track")
@@ -153,42 +153,13 @@ def _read_labels(path: Path, what: str) -> Volume:
     return vol
 
 
-Crops = dict[int, tuple[tuple[slice, ...], np.ndarray]]  # id -> (bounding box, bool mask inside it)
-
-
-def _crops_of_labels(labels: np.ndarray) -> Crops:
-    n = int(labels.max(initial=0))
-    return {i + 1: (box, labels[box] == i + 1)
-            for i, box in enumerate(ndimage.find_objects(labels, max_label=n)) if box is not None}
-
-
-def _crops_of_masks(masks: Mapping[int, np.ndarray]) -> Crops:
-    out: Crops = {}
-    for lid, m in masks.items():
-        objs = ndimage.find_objects(m.astype(np.uint8), max_label=1)
-        if objs and objs[0] is not None:
-            out[lid] = (objs[0], m[objs[0]])
-    return out
-
-
-def _in_box(item: tuple[tuple[slice, ...], np.ndarray] | None, box: tuple[slice, ...]) -> np.ndarray:
-    """A cropped mask pasted into the (larger) box ``box``."""
-    out = np.zeros(tuple(b.stop - b.start for b in box), bool)
-    if item is not None:
-        sub, m = item
-        out[tuple(slice(s.start - b.start, s.stop - b.start) for s, b in zip(sub, box))] = m
-    return out
-
-
 def _seg_scan(pred: Crops, gt: Crops, spacing: Sequence[float], tolerance_mm: float) -> list[dict[str, Any]]:
     """Dice and NSD per gt lesion, each on the box around both masks (same values as on the full
     arrays: every voxel outside the box is background for both)."""
     rows = []
     for lid in sorted(gt):
-        gb = gt[lid][0]
-        pb = pred[lid][0] if lid in pred else gb
-        box = tuple(slice(min(a.start, b.start), max(a.stop, b.stop)) for a, b in zip(gb, pb))
-        p, g = _in_box(pred.get(lid), box), _in_box(gt[lid], box)
+        box = union_box(gt[lid][0], pred[lid][0]) if lid in pred else gt[lid][0]
+        p, g = in_box(pred.get(lid), box), in_box(gt[lid], box)
         rows.append({"lesion_id": lid, "dice": dice(p, g), "nsd": normalized_surface_dice(p, g, spacing, tolerance_mm),
                      "gt_voxels": int(g.sum()), "pred_voxels": int(p.sum())})
     return rows
@@ -266,10 +237,10 @@ def evaluate_folder(pred_dir: str | os.PathLike, gt_dir: str | os.PathLike, mode
             raise EvaluationError(str(exc)) from exc
         pred = _read_prediction(sources[case], gt, case)
         base = {"patient": scan_patient[case], "scan": case}
-        gt_crops = _crops_of_labels(gt.array)
-        pred_crops = _crops_of_masks(pred) if isinstance(pred, dict) else _crops_of_labels(pred)
-        extra = sorted(set(pred_crops) - set(gt_crops))
         try:
+            _, gt_crops = lesion_crops(gt.array, f"ground truth of {case!r}")
+            _, pred_crops = lesion_crops(pred, f"prediction of {case!r}")
+            extra = sorted(set(pred_crops) - set(gt_crops))
             if mode == "seg":
                 rows = _seg_scan(pred_crops, gt_crops, gt.spacing, tolerance_mm)
                 scan = {m: float(np.mean([r[m] for r in rows])) if rows else math.nan for m in SEG_METRICS}

@@ -24,6 +24,7 @@ import numpy as np
 from scipy import ndimage
 
 from .geometry import Volume
+from .results import bbox_slices, tight_bbox
 
 # 6-connectivity: a voxel is inside when its 6 face neighbours are foreground; so every voxel
 # with a background face neighbour (or touching the image border) is a surface voxel.
@@ -101,10 +102,7 @@ def normalized_surface_dice(pred: np.ndarray, gt: np.ndarray, spacing_zyx: Seque
     # Work on the union's bounding box plus a one-voxel background margin: every surface voxel
     # (and hence every nearest surface point) lies inside it, and erosion sees the same
     # neighbourhood as on the full array (the array border also counts as background there).
-    union = p | g
-    lo = [int(np.flatnonzero(np.any(union, axis=tuple(a for a in range(3) if a != ax)))[0]) for ax in range(3)]
-    hi = [int(np.flatnonzero(np.any(union, axis=tuple(a for a in range(3) if a != ax)))[-1]) + 1 for ax in range(3)]
-    crop = tuple(slice(a, b) for a, b in zip(lo, hi))
+    crop = bbox_slices(tight_bbox(p | g))  # type: ignore[arg-type]  # not None: both are non-empty
     p_c = np.pad(p[crop], 1)
     g_c = np.pad(g[crop], 1)
     s_p, s_g = surface_voxels(p_c), surface_voxels(g_c)
@@ -115,20 +113,62 @@ def normalized_surface_dice(pred: np.ndarray, gt: np.ndarray, spacing_zyx: Seque
 
 
 # --------------------------------------------------------------------------------- tracking
-def _lesion_masks(labels: np.ndarray | Mapping[int, np.ndarray], name: str) -> dict[int, np.ndarray]:
-    """Instance label map (0 = background) or {id: mask} -> {id: bool mask} of non-empty lesions."""
+Box = tuple[slice, slice, slice]
+Crops = dict[int, tuple[Box, np.ndarray]]  # lesion id -> (bounding box, bool mask inside it)
+
+
+def lesion_crops(labels: np.ndarray | Mapping[int, np.ndarray], name: str = "labels"
+                 ) -> tuple[tuple[int, ...] | None, Crops]:
+    """(grid shape, {id: (bbox, bool crop)}) of the non-empty lesions of an instance label map
+    (0 = background) or of ``{id: full-grid mask}``. Crops keep per-lesion work proportional to
+    the lesion instead of the scan (a full CT is 70 M voxels). Shape is None for an empty dict."""
     if isinstance(labels, Mapping):
-        out = {int(k): _as_bool(v, f"{name}[{k}]") for k, v in labels.items()}
-        return {k: v for k, v in out.items() if v.any()}
+        out: Crops = {}
+        shapes = set()
+        for k, v in labels.items():
+            m = _as_bool(v, f"{name}[{k}]")
+            shapes.add(m.shape)
+            box = ndimage.find_objects(m.view(np.uint8), max_label=1)[0]
+            if box is not None:
+                out[int(k)] = (box, m[box])
+        if len(shapes) > 1:
+            raise MetricError(f"the masks of {name} have different shapes: {sorted(shapes)}")
+        return (shapes.pop() if shapes else None), out
     arr = np.asarray(labels)
     if arr.ndim != 3:
         raise MetricError(f"{name} must be a 3D instance label map, got shape {arr.shape}")
-    if np.issubdtype(arr.dtype, np.floating) and not np.all(arr == np.round(arr)):
-        raise MetricError(f"{name} holds non-integer labels; expected an instance label map")
-    ids = [int(i) for i in np.unique(arr) if i != 0]
-    if any(i < 0 for i in ids):
-        raise MetricError(f"{name} holds negative labels {[i for i in ids if i < 0]}")
-    return {i: arr == i for i in ids}
+    if arr.dtype == bool:
+        arr = arr.view(np.uint8)
+    elif np.issubdtype(arr.dtype, np.floating):
+        if not np.all(arr == np.round(arr)):
+            raise MetricError(f"{name} holds non-integer labels; expected an instance label map")
+        arr = arr.astype(np.int64)
+    elif not np.issubdtype(arr.dtype, np.integer):
+        raise MetricError(f"{name} has dtype {arr.dtype}; expected an integer instance label map")
+    if arr.size and arr.min() < 0:
+        raise MetricError(f"{name} holds negative labels")
+    n = int(arr.max(initial=0))
+    boxes = ndimage.find_objects(arr, max_label=n)
+    return arr.shape, {i + 1: (b, arr[b] == i + 1) for i, b in enumerate(boxes) if b is not None}
+
+
+def union_box(a: Box, b: Box) -> Box:
+    return tuple(slice(min(x.start, y.start), max(x.stop, y.stop)) for x, y in zip(a, b))  # type: ignore[return-value]
+
+
+def in_box(item: tuple[Box, np.ndarray] | None, box: Box) -> np.ndarray:
+    """A cropped mask pasted into the enclosing box ``box`` (all False when ``item`` is None)."""
+    out = np.zeros(tuple(b.stop - b.start for b in box), bool)
+    if item is not None:
+        sub, m = item
+        out[tuple(slice(s.start - b.start, s.stop - b.start) for s, b in zip(sub, box))] = m
+    return out
+
+
+def _crop_center(item: tuple[Box, np.ndarray], sp: Sequence[float], volume: Volume | None) -> np.ndarray:
+    box, m = item
+    com = np.array(ndimage.center_of_mass(m), dtype=np.float64) + [b.start for b in box]
+    return volume.voxel_to_world(com) if volume is not None else com * np.asarray(sp)
 
 
 def center_mm(mask: np.ndarray, spacing_zyx: Sequence[float], volume: Volume | None = None) -> np.ndarray | None:
@@ -218,33 +258,36 @@ def tracking_metrics(pred: np.ndarray | Mapping[int, np.ndarray], gt: np.ndarray
     reported next to Dice@25.
     """
     sp = _check_spacing(spacing_zyx)
-    p_les, g_les = _lesion_masks(pred, "pred"), _lesion_masks(gt, "gt")
-    shapes = {m.shape for m in list(p_les.values()) + list(g_les.values())}
+    p_shape, p_les = lesion_crops(pred, "pred")
+    g_shape, g_les = lesion_crops(gt, "gt")
+    shapes = {sh for sh in (p_shape, g_shape, volume.shape if volume is not None else None) if sh is not None}
     if len(shapes) > 1:
-        raise MetricError(f"pred and gt masks have different shapes: {sorted(shapes)}")
-    if volume is not None and shapes and volume.shape not in shapes:
-        raise MetricError(f"volume shape {volume.shape} does not match the masks {shapes.pop()}")
+        raise MetricError(f"pred, gt (and volume) have different shapes: {sorted(shapes)}")
     if volume is not None and not np.allclose(volume.spacing, sp, atol=1e-4):
         raise MetricError(f"volume spacing {volume.spacing} differs from spacing_zyx {sp}")
     rows: list[LesionTracking] = []
     for lid in sorted(g_les):
-        g = g_les[lid]
-        gc = center_mm(g, sp, volume)
-        p = p_les.get(lid)
-        pc = center_mm(p, sp, volume) if p is not None else None
-        if pc is None:
+        gc = _crop_center(g_les[lid], sp, volume)
+        if lid not in p_les:
             rows.append(LesionTracking(lid, tuple(gc.tolist()), None, math.nan, False, 0.0))
             continue
+        pc = _crop_center(p_les[lid], sp, volume)
         dist = float(np.linalg.norm(pc - gc))
+        box = union_box(p_les[lid][0], g_les[lid][0])
         rows.append(LesionTracking(lid, tuple(gc.tolist()), tuple(pc.tolist()), dist, dist <= match_mm + _EPS,
-                                   dice(p, g)))
-    shape = shapes.pop() if shapes else (volume.shape if volume is not None else (1, 1, 1))
-    p_union = np.zeros(shape, bool)
-    g_union = np.zeros(shape, bool)
-    for m in p_les.values():
-        p_union |= m
-    for m in g_les.values():
-        g_union |= m
+                                   dice(in_box(p_les[lid], box), in_box(g_les[lid], box))))
+    # total Dice on the union box of everything (lesions of a dict may overlap: paint, don't count)
+    items = list(p_les.values()) + list(g_les.values())
+    if not items:
+        return ScanTracking(rows, 1.0, float(match_mm))
+    box = items[0][0]
+    for b, _ in items[1:]:
+        box = union_box(box, b)
+    p_union = np.zeros(tuple(b.stop - b.start for b in box), bool)
+    g_union = np.zeros_like(p_union)
+    for les, union in ((p_les, p_union), (g_les, g_union)):
+        for sub, m in les.values():
+            union[tuple(slice(s.start - b.start, s.stop - b.start) for s, b in zip(sub, box))] |= m
     return ScanTracking(rows, dice(p_union, g_union), float(match_mm))
 
 

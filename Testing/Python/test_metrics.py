@@ -150,6 +150,11 @@ def test_tracking_accepts_dicts_and_checks_shapes():
         tracking_metrics({1: pred == 1}, {1: (gt == 1)[:-1]}, (2, 1, 1))
     with pytest.raises(MetricError, match="non-integer"):
         tracking_metrics(pred * 0.5, gt, (2, 1, 1))
+    # overlapping lesions of a dict form a union: the same voxels predicted twice are one voxel
+    a = gt == 1
+    twice = tracking_metrics({1: a, 5: a}, {1: a}, (2, 1, 1))
+    assert twice.total_dice == 1.0 and twice.lesions[0].dice == 1.0
+    assert tracking_metrics({}, {}, (1, 1, 1)).total_dice == 1.0  # nothing to find, nothing found
 
 
 def test_center_mm():
