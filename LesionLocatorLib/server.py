@@ -136,10 +136,12 @@ def check_config(cfg: ServerConfig) -> None:
 
 # ======================================================================================
 # request schemas (pydantic: validated before anything reaches the model)
-Coord3 = Annotated[list[Annotated[float, Field(allow_inf_nan=False)]], Field(min_length=3, max_length=3)]
-Box6 = Annotated[list[Annotated[int, Field(ge=0, le=2**31)]], Field(min_length=6, max_length=6)]
+# strict: a coordinate is a JSON number (never "12" or true); a box bound is a JSON integer.
+Coord3 = Annotated[list[Annotated[float, Field(strict=True, allow_inf_nan=False)]], Field(min_length=3, max_length=3)]
+Box6 = Annotated[list[Annotated[int, Field(strict=True, ge=0, le=2**31)]], Field(min_length=6, max_length=6)]
 Corners = Annotated[list[Coord3], Field(min_length=2, max_length=2)]
-LesionId = Annotated[int, Field(ge=1, le=2**31 - 1)]
+# JSON object keys are strings: a lesion id is a positive decimal integer without leading zeros.
+LesionId = Annotated[str, Field(pattern=r"^[1-9][0-9]{0,9}$")]
 
 
 class MaskPrompt(BaseModel):
@@ -481,12 +483,15 @@ class AppState:
     ready: bool = False
 
 
-def _prompts_from_specs(specs: dict[int, PromptSpec], volume: Volume) -> dict[int, Any]:
+def _prompts_from_specs(specs: dict[str, PromptSpec], volume: Volume) -> dict[int, Any]:
     """Request prompts -> library prompts in input voxels, each checked against the uploaded geometry."""
     from .prompts import Mask, PromptError, box_from_world, point_from_world, validate, Point, Box
 
     out: dict[int, Any] = {}
-    for lid, spec in specs.items():
+    for key, spec in specs.items():
+        lid = int(key)
+        if lid > 2**31 - 1:
+            raise ApiError(422, "invalid_prompt", f"lesion id {key} is larger than 2^31 - 1")
         kind = spec.kind
         try:
             if kind == "point":
