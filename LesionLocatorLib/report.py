@@ -1,7 +1,11 @@
 """Longitudinal lesion report: volumes, RECIST diameters and response per timepoint.
 
 The same data serves the Slicer module (as a table, :meth:`LongitudinalReport.rows`), the
-server (as JSON, :meth:`LongitudinalReport.to_dict`) and the command line (CSV / JSON files).
+server (as JSON, :meth:`LongitudinalReport.to_dict`) and the command line (CSV / JSON files,
+``lesionlocator report BASELINE_LABELS FOLLOWUP_LABELS... -o report.json``).
+
+Entry points: :func:`build_report` (masks per timepoint), :func:`build_report_from_results`
+(the tracker's ``SegmentationResult`` list), :func:`build_report_from_label_maps`.
 
 Measurement conventions
 -----------------------
@@ -36,11 +40,13 @@ non-target lesions are out of scope: the report cannot tell a node from another 
 """
 from __future__ import annotations
 
+import argparse
 import csv
 import io
 import json
 import math
 import os
+import sys
 import tempfile
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -50,6 +56,8 @@ import numpy as np
 from scipy.spatial import ConvexHull
 
 from .geometry import Volume
+from .image_io import read_image
+from .metrics import MetricError, lesion_crops
 from .results import LesionMask, SegmentationResult, bbox_slices, tight_bbox
 
 Point3 = tuple[float, float, float]
@@ -490,3 +498,52 @@ def build_report_from_results(names: Sequence[str], results: Sequence[Segmentati
         raise ReportError(f"got {len(names)} names for {len(results)} results")
     return build_report([(n, r.image, r.lesions) for n, r in zip(names, results)],
                         [{k: les.status for k, les in r.lesions.items()} for r in results])
+
+
+def build_report_from_label_maps(timepoints: Sequence[tuple[str, Volume]]) -> LongitudinalReport:
+    """Report from one instance label map per timepoint (label k = lesion k at every timepoint)."""
+    items = []
+    for name, labels in timepoints:
+        if not isinstance(labels, Volume):
+            raise ReportError(f"timepoint {name!r}: expected a label-map Volume, got {type(labels).__name__}")
+        try:
+            _, crops = lesion_crops(labels.array, f"label map of {name!r}")
+        except MetricError as exc:
+            raise ReportError(str(exc)) from exc
+        masks = {lid: LesionMask(lid, (b[0].start, b[0].stop, b[1].start, b[1].stop, b[2].start, b[2].stop), m)
+                 for lid, (b, m) in crops.items()}
+        items.append((name, labels, masks))
+    return build_report(items)
+
+
+# ------------------------------------------------------------------------------------ CLI
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("labels", nargs="+", help="instance label maps, baseline first (same ids = same lesion)")
+    parser.add_argument("--names", nargs="+", default=None, help="timepoint names (default: file names)")
+    parser.add_argument("-o", "--output", required=True,
+                        help="report file: .json or .csv (both are written when the name has no suffix)")
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        names = args.names or [Path(p).name.split(".")[0] for p in args.labels]
+        if len(names) != len(args.labels):
+            raise ReportError(f"got {len(names)} names for {len(args.labels)} label maps")
+        report = build_report_from_label_maps([(n, read_image(p)) for n, p in zip(names, args.labels)])
+        out = Path(args.output)
+        suffix = out.suffix.lower()
+        written = []
+        if suffix in (".json", ""):
+            written.append(report.to_json(out if suffix else out.with_suffix(".json")))
+        if suffix in (".csv", ""):
+            written.append(report.to_csv(out if suffix else out.with_suffix(".csv")))
+        if not written:
+            raise ReportError(f"output must end in .json or .csv (or have no suffix), got {out.name}")
+    except (ReportError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    for s in report.summaries:
+        print(f"{s.timepoint}: SLD {s.sld_mm:.1f} mm, {s.n_target_found}/{s.n_target} target lesions found"
+              + (f", {s.category}" if s.category else ""))
+    print("wrote " + ", ".join(str(p) for p in written))
+    return 0

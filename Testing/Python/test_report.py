@@ -312,3 +312,34 @@ def test_report_on_synthetic_followup_matches_its_truth():
             assert fu.status == "tracked"
             assert np.allclose(fu.center_lps, truth["followup_center_lps"])
     assert rep.measurement(2, "fu").status == "not found"
+
+
+def test_label_maps_and_cli(tmp_path, capsys):
+    import argparse
+
+    from LesionLocatorLib.image_io import write_image
+    from LesionLocatorLib.report import add_arguments, build_report_from_label_maps, run
+
+    shape = (3, 30, 60)
+    paths = []
+    for name, sides in [("base", {1: 20, 2: 10}), ("fu", {1: 12, 2: 6})]:
+        lab = np.zeros(shape, np.uint16)
+        for lid, m in _squares(shape, sides).items():
+            lab[m] = lid
+        paths.append(write_image(Volume(lab, spacing=(2.0, 1.0, 1.0)), tmp_path / f"{name}.nii.gz"))
+    vols = [("base", Volume(np.zeros(shape, np.uint16)))]
+    assert build_report_from_label_maps(vols).lesions == []
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    assert run(parser.parse_args([*map(str, paths), "-o", str(tmp_path / "rep")])) == 0
+    out = capsys.readouterr().out
+    assert "fu: SLD" in out and "PR" in out
+    rep = LongitudinalReport.from_json(tmp_path / "rep.json")
+    assert rep.timepoints == ["base", "fu"]
+    assert rep.summaries[1].sld_mm == pytest.approx(18 * math.sqrt(2))
+    assert (tmp_path / "rep.csv").exists()
+    assert run(parser.parse_args([str(paths[0]), "--names", "a", "b", "-o", str(tmp_path / "x.json")])) == 2
+    assert "names" in capsys.readouterr().err
+    assert run(parser.parse_args([str(paths[0]), "-o", str(tmp_path / "x.txt")])) == 2
+    assert run(parser.parse_args([str(tmp_path / "missing.nii.gz"), "-o", str(tmp_path / "x.json")])) == 2
+    assert "not found" in capsys.readouterr().err
