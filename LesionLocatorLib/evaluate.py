@@ -304,7 +304,8 @@ def run(args: argparse.Namespace) -> int:
         return 2
     s = table.summary
     metrics = SEG_METRICS if table.mode == "seg" else TRACK_METRICS
-    print(f"{s['n_scans']} scans, {s['n_patients']} patients, {s['n_lesions']} lesions ({table.mode}, patient-weighted):")
+    print(f"{s['n_scans']} scans, {s['n_patients']} patients, {s['n_lesions']} lesions "
+          f"({table.mode}, patient-weighted):")
     for m in metrics:
         print(f"  {m:13s} {s[m]:.4f}" if math.isfinite(s[m]) else f"  {m:13s} n/a")
     if args.output:

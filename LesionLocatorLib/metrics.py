@@ -108,7 +108,8 @@ def normalized_surface_dice(pred: np.ndarray, gt: np.ndarray, spacing_zyx: Seque
     s_p, s_g = surface_voxels(p_c), surface_voxels(g_c)
     dist_to_g = ndimage.distance_transform_edt(~s_g, sampling=sp)
     dist_to_p = ndimage.distance_transform_edt(~s_p, sampling=sp)
-    hits = np.count_nonzero(dist_to_g[s_p] <= tolerance_mm + _EPS) + np.count_nonzero(dist_to_p[s_g] <= tolerance_mm + _EPS)
+    tau = tolerance_mm + _EPS
+    hits = np.count_nonzero(dist_to_g[s_p] <= tau) + np.count_nonzero(dist_to_p[s_g] <= tau)
     return float(hits) / float(np.count_nonzero(s_p) + np.count_nonzero(s_g))
 
 

@@ -313,7 +313,7 @@ class LongitudinalReport:
         writer = csv.DictWriter(buf, fieldnames=list(ROW_COLUMNS), lineterminator="\n")
         writer.writeheader()
         for row in self.rows():
-            writer.writerow({k: ("" if v is None else (repr(v) if isinstance(v, float) else v)) for k, v in row.items()})
+            writer.writerow({k: "" if v is None else repr(v) if isinstance(v, float) else v for k, v in row.items()})
         return atomic_write_text(path, buf.getvalue())
 
 
