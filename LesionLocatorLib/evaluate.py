@@ -286,13 +286,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pred", required=True, help="folder of predicted instance label maps")
     parser.add_argument("--gt", required=True, help="folder of ground-truth instance label maps (same file names)")
     parser.add_argument("--mode", choices=MODES, default="seg",
-                        help="seg: Dice + NSD per lesion; track: CPM@25, Dice@25, MED, total Dice (default seg)")
+                        help="seg: Dice + NSD per lesion; track: CPM@25, Dice@25, MED, total Dice")
     parser.add_argument("--patients-json", default=None,
-                        help='{"scan": "patient"} or {"patient": ["scan", ...]}; default: one patient per scan')
-    parser.add_argument("--tolerance-mm", type=float, default=2.0, help="NSD tolerance in mm (default 2)")
-    parser.add_argument("--match-mm", type=float, default=25.0, help="tracking hit distance in mm (default 25)")
+                        help='{"scan": "patient"} or {"patient": ["scan", ...]}; omit for one patient per scan')
+    parser.add_argument("--tolerance-mm", type=float, default=2.0, help="NSD tolerance in mm")
+    parser.add_argument("--match-mm", type=float, default=25.0, help="tracking hit distance in mm")
     parser.add_argument("-o", "--output", default=None,
-                        help="folder for lesions.csv, scans.csv, summary.json (default: print only)")
+                        help="folder for lesions.csv, scans.csv, summary.json; omit to print only")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -519,7 +519,7 @@ def build_report_from_label_maps(timepoints: Sequence[tuple[str, Volume]]) -> Lo
 # ------------------------------------------------------------------------------------ CLI
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("labels", nargs="+", help="instance label maps, baseline first (same ids = same lesion)")
-    parser.add_argument("--names", nargs="+", default=None, help="timepoint names (default: file names)")
+    parser.add_argument("--names", nargs="+", default=None, help="timepoint names; omit to use the file names")
     parser.add_argument("-o", "--output", required=True,
                         help="report file: .json or .csv (both are written when the name has no suffix)")
 
