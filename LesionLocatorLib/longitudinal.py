@@ -100,14 +100,15 @@ def grow_shrink_field(labels: np.ndarray | Volume, lesion_id: int, amplitude: fl
     return field
 
 
-def _warp_local(array: np.ndarray, disp: np.ndarray, region: tuple[slice, ...], order: int,
-                cval: float) -> np.ndarray:
-    """``array`` pulled back through ``disp`` (full-size, zero outside ``region``); only ``region`` changes."""
+def _warp_points(array: np.ndarray, disp: np.ndarray, order: int, cval: float) -> np.ndarray:
+    """``array`` pulled back through ``disp`` (3, z, y, x); only voxels with a non-zero displacement are
+    resampled (the field is zero away from the lesions, so this is a small fraction of the volume)."""
     out = array.copy()
-    grid = np.mgrid[region].astype(np.float32)
-    coords = grid + disp[(slice(None), *region)]
-    out[region] = ndimage.map_coordinates(array, coords, order=order, mode="constant", cval=cval,
-                                          prefilter=False).astype(array.dtype, copy=False)
+    pts = np.nonzero(np.any(disp != 0, axis=0))
+    if pts[0].size:
+        coords = np.stack(pts).astype(np.float32) + disp[(slice(None), *pts)]
+        out[pts] = ndimage.map_coordinates(array, coords, order=order, mode="constant", cval=cval,
+                                           prefilter=False).astype(array.dtype, copy=False)
     return out
 
 
@@ -136,14 +137,6 @@ def apply_lesion_growth(image: np.ndarray, labels: np.ndarray, growth: Mapping[i
     root = seed if isinstance(seed, np.random.SeedSequence) else np.random.SeedSequence(int(seed))
     seeds = dict(zip(sorted(active), root.spawn(len(active))))
     sigmas = {lid: lesion_sigma(int(np.count_nonzero(labels == lid))) for lid in active}
-    # One region covering every growing lesion, with room for the field's reach and the growth itself.
-    union = np.zeros(labels.shape, bool)
-    for lid in active:
-        union |= labels == lid
-    ub = tight_bbox(union)
-    assert ub is not None
-    region = _grown_box(ub, int(np.ceil(3.5 * max(sigmas.values()))) + 2 + 2 * n_stages, labels.shape)
-
     total = np.zeros((3, *labels.shape), np.float32)
     current = labels
     for _ in range(n_stages):
@@ -151,14 +144,18 @@ def apply_lesion_growth(image: np.ndarray, labels: np.ndarray, growth: Mapping[i
         for lid, amp in active.items():
             # the same generator state per stage: the lesion's irregularity pattern stays put
             stage += grow_shrink_field(current, lid, amp / n_stages, sigmas[lid], np.random.default_rng(seeds[lid]))
-        # compose: new total map x -> x + u(x) + U(x + u(x))
-        grid = np.mgrid[region].astype(np.float32)
-        at = grid + stage[(slice(None), *region)]
-        moved = np.stack([ndimage.map_coordinates(total[a], at, order=1, mode="nearest", prefilter=False)
-                          for a in range(3)])
-        total[(slice(None), *region)] = stage[(slice(None), *region)] + moved
-        current = _warp_local(labels, total, region, order=0, cval=0)
-    out_img = _warp_local(image.astype(np.float32), total, region, order=1, cval=fill_value)
+        # compose: new total map x -> x + u(x) + U(x + u(x)); where u(x) = 0 the total is unchanged
+        pts = np.nonzero(np.any(stage != 0, axis=0))
+        u = stage[(slice(None), *pts)]
+        at = np.stack(pts).astype(np.float32) + u
+        if total.any():
+            moved = np.stack([ndimage.map_coordinates(total[a], at, order=1, mode="nearest", prefilter=False)
+                              for a in range(3)])
+        else:
+            moved = 0.0
+        total[(slice(None), *pts)] = u + moved
+        current = _warp_points(labels, total, order=0, cval=0)
+    out_img = _warp_points(image.astype(np.float32), total, order=1, cval=fill_value)
     for lid, amp in active.items():
         info[lid] = {"amplitude": amp, "sigma_s": sigmas[lid], "stages": n_stages,
                      "stage_amplitude": amp / n_stages}

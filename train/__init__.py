@@ -1,0 +1,1 @@
+"""Training utilities for LesionLocator (synthetic longitudinal data, fine-tuning)."""
