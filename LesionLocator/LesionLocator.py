@@ -1988,8 +1988,9 @@ class LesionLocatorTest(ScriptedLoadableModuleTest):
         followUp = self._makeVolume("follow-up", shift=2.0)
         modelDir = makeTinyTestModel(tempfile.mkdtemp(prefix="LesionLocatorTest"))
 
-        slicer.util.selectModule("LesionLocator")
-        widget = slicer.modules.LesionLocatorWidget
+        # works with and without a main window (--no-main-window): the module's own widget instance
+        widget = slicer.modules.lesionlocator.widgetRepresentation().self()
+        widget.initializeParameterNode()
         p = widget._parameterNode
         p.baselineVolume = baseline
         p.autoSegment = False
