@@ -1001,14 +1001,16 @@ class LesionLocatorLogic(ScriptedLoadableModuleLogic):
     def prepareSegmentation(self, baselineNode, pointNodes: Sequence = (), roiNodes: Sequence = (),
                             lesionIds: Optional[Sequence[int]] = None) -> SegmentJob:
         """Main thread: read the baseline and the prompts (all lesions, or only ``lesionIds``)."""
-        volume = volumeFromVolumeNode(baselineNode)
+        key = self._volumeKey(baselineNode)
+        # the segmenter already holds this image: only the geometry is needed, skip copying the voxels
+        volume = volumeFromVolumeNode(baselineNode, copy=self._imageKey != key)
         prompts = self.collectPrompts(volume, pointNodes, roiNodes)
         if lesionIds is not None:
             wanted = {int(l) for l in lesionIds}
             prompts = {k: v for k, v in prompts.items() if k in wanted}
         if not prompts:
             raise LesionLocatorInputError("no prompt: place a point or draw a box on a lesion of the baseline volume")
-        return SegmentJob(baselineNode.GetID(), self._volumeKey(baselineNode), volume, prompts, sorted(prompts))
+        return SegmentJob(baselineNode.GetID(), key, volume, prompts, sorted(prompts))
 
     def _presetFoldsTta(self) -> tuple[Any, bool]:
         _, folds, tta = SPEED_PRESETS[self.speedPreset]
@@ -1093,6 +1095,8 @@ class LesionLocatorLogic(ScriptedLoadableModuleLogic):
                 segmenter = self._getSegmenter(kinds)
                 if self._imageKey != job.volumeKey:
                     report(0.02, "preparing the image")
+                    if not job.volume.array.flags.owndata:  # a view of the MRML voxels: the segmenter keeps its own
+                        job.volume.array = job.volume.array.copy()
                     segmenter.set_image(job.volume)
                     self._imageKey = job.volumeKey
                 raw = segmenter.segment_prompts(flat, progress=report)
@@ -1397,6 +1401,8 @@ class LesionLocatorWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._shortcuts = []
         self._observedPromptNodes = []
         self._pointPositions = {}
+        self._pendingLesionIds = set()  # auto-segment requests that arrived while a job was running
+        self._updatingWidgets = False
 
     # -- setup ----------------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -1509,19 +1515,24 @@ class LesionLocatorWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.updateGUIFromState()
 
     def _applySettingsToWidgets(self) -> None:
+        """Parameter node -> settings widgets (without writing half-updated widget values back)."""
         p = self._parameterNode
-        for combo, value in ((self.ui.backendComboBox, p.backend), (self.ui.deviceComboBox, p.device),
-                             (self.ui.speedPresetComboBox, p.speedPreset)):
-            index = combo.findData(value)
-            combo.currentIndex = max(index, 0)
-        self.ui.useDefaultModelCheckBox.checked = not p.modelPath
-        self.ui.modelPathLineEdit.currentPath = p.modelPath
+        self._updatingWidgets = True
+        try:
+            for combo, value in ((self.ui.backendComboBox, p.backend), (self.ui.deviceComboBox, p.device),
+                                 (self.ui.speedPresetComboBox, p.speedPreset)):
+                index = combo.findData(value)
+                combo.currentIndex = max(index, 0)
+            self.ui.useDefaultModelCheckBox.checked = not p.modelPath
+            self.ui.modelPathLineEdit.currentPath = p.modelPath
+        finally:
+            self._updatingWidgets = False
         self._refreshFollowUpList()
         self.onSettingsChanged()
 
     def onSettingsChanged(self, *_) -> None:
         p = self._parameterNode
-        if p is None:
+        if p is None or self._updatingWidgets:
             return
         p.backend = self.ui.backendComboBox.currentData or BACKEND_LOCAL
         p.device = self.ui.deviceComboBox.currentData or "auto"
@@ -1703,7 +1714,7 @@ class LesionLocatorWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 if _controlPointDefined(caller, i) and lesionIdOfControlPoint(caller, i) is None:
                     setLesionIdOfControlPoint(caller, i, lesionId)
         self._pointPositions = self._currentPointPositions()
-        if p.autoSegment and self._future is None:
+        if p.autoSegment:
             self._segment([lesionId])
 
     def onPromptMoved(self, caller, event) -> None:
@@ -1718,7 +1729,7 @@ class LesionLocatorWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             changed = {lid for pid, (pos, lid) in now.items() if before.get(pid, (None, None))[0] != pos}
             self._pointPositions = now
         changed.discard(None)
-        if changed and p.autoSegment and self._future is None:
+        if changed and p.autoSegment:
             self._segment(sorted(changed))
 
     def onNewLesion(self) -> None:
@@ -1820,6 +1831,9 @@ class LesionLocatorWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 logging.exception("LesionLocator could not show the result")
                 slicer.util.errorDisplay(describeError(exc), windowTitle="LesionLocator")
         self.updateGUIFromState()
+        if self._pendingLesionIds and self._parameterNode is not None:
+            pending, self._pendingLesionIds = sorted(self._pendingLesionIds), set()
+            self._segment(pending)
 
     def onCancel(self) -> None:
         if self._cancelEvent is not None:
@@ -1845,6 +1859,12 @@ class LesionLocatorWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def _segment(self, lesionIds: Optional[list]) -> None:
         p = self._parameterNode
+        if self._future is not None:
+            # a click while the previous one is computed: segment its lesion as soon as the worker is free
+            if lesionIds:
+                self._pendingLesionIds.update(lesionIds)
+            slicer.util.showStatusMessage("LesionLocator: queued until the running job finishes", 2000)
+            return
         if not self._checkReady():
             return
         try:
@@ -1908,7 +1928,8 @@ class LesionLocatorWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                     chart = node
             chart = self.logic.volumePlot(report, chart)
             self.ui.reportTableView.setMRMLTableNode(p.reportTable)
-            slicer.modules.plots.logic().ShowChartInLayout(chart)
+            if slicer.util.mainWindow() is not None:
+                slicer.modules.plots.logic().ShowChartInLayout(chart)
 
     def onExportCsv(self) -> None:
         import qt

@@ -529,3 +529,19 @@ def test_missing_model_is_explained(LL, logic, tmp_path):
         logic.resolvedModelPath()
     with pytest.raises(LL.LesionLocatorInputError, match="unknown speed preset"):
         logic.configure(speedPreset="turbo")
+
+
+def test_cached_image_is_not_copied_and_new_model_gets_its_own_copy(LL, scene, logic, tiny_model):
+    node, _ = make_volume_node(scene, shape_zyx=(10, 12, 12), directions=np.eye(3), spacing=(2.0, 2.0, 2.0))
+    points = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "pts")
+    _place_world(scene, points, ijk_to_world(node, (6, 6, 5)))
+    logic.assignLesionIds([points], [], currentLesionId=1)
+    logic.configure(modelPath=tiny_model, device="cpu", speedPreset="fastest")
+    logic.segment(node, [points], [])
+    job = logic.prepareSegmentation(node, [points], [])
+    assert not job.volume.array.flags.owndata  # the segmenter holds this image already: geometry only
+    logic.configure(modelPath=tiny_model, device="cpu", speedPreset="fast")  # another segmenter (TTA)
+    logic.applySegmentation(job, logic.computeSegmentation(job))
+    held = logic._segmenter.image.array
+    assert held.flags.owndata  # never a view of MRML memory that Slicer may free
+    np.testing.assert_array_equal(held, LL.volumeFromVolumeNode(node).array)
