@@ -1426,6 +1426,8 @@ class LesionLocatorWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.licenseLabel.openExternalLinks = True
         self.ui.progressBar.hide()
         self.ui.cancelButton.hide()
+        # keep placing points until the user leaves place mode
+        self.ui.promptPlaceWidget.placeMultipleMarkups = slicer.qSlicerMarkupsPlaceWidget.ForcePlaceMultipleMarkups
 
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
@@ -1449,7 +1451,6 @@ class LesionLocatorWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.speedPresetComboBox.connect("currentIndexChanged(int)", self.onSettingsChanged)
         self.ui.serverUrlLineEdit.connect("editingFinished()", self.onSettingsChanged)
         self.ui.serverTokenLineEdit.connect("editingFinished()", self.onSettingsChanged)
-        self.ui.promptPointsSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.onPromptNodeChanged)
         self.ui.baselineSelector.connect("currentNodeChanged(vtkMRMLNode*)", lambda *_: self.updateGUIFromState())
 
         self._timer = qt.QTimer()
@@ -1570,6 +1571,10 @@ class LesionLocatorWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.undoButton.enabled = self.logic.canUndo() and not busy
         self.ui.exportCsvButton.enabled = p.reportTable is not None
         self.ui.currentLesionLabel.text = f"Next prompts go to: Lesion {p.currentLesionId}"
+        observed = [n.GetID() for n in self._observedPromptNodes]
+        wanted = [n.GetID() for n in ([p.promptPoints] if p.promptPoints else []) + self._promptBoxes()]
+        if observed != wanted:  # another point list was selected, or a box was added/removed
+            self._observePromptNodes()
         self._refreshFollowUpList()
         self._refreshNotFound()
 
@@ -1665,9 +1670,6 @@ class LesionLocatorWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     # -- prompts --------------------------------------------------------------------------------------
     def _promptBoxes(self) -> list:
         return [n for n in self._parameterNode.promptBoxes if n is not None and slicer.mrmlScene.IsNodePresent(n)]
-
-    def onPromptNodeChanged(self, node) -> None:
-        self._observePromptNodes()
 
     def _observePromptNodes(self) -> None:
         for node in self._observedPromptNodes:

@@ -194,6 +194,29 @@ def test_ui_is_valid_and_matches_the_widget_code():
     assert {c for c in used_classes if not c.startswith("Q")} <= declared
 
 
+def _find_uic() -> str | None:
+    import shutil
+
+    for candidate in (shutil.which("uic"), "/usr/lib/qt5/bin/uic", "/usr/lib/qt6/libexec/uic"):
+        if candidate and Path(candidate).is_file():
+            return candidate
+    return None
+
+
+def test_ui_compiles_with_qt_uic(tmp_path):
+    """Qt's own compiler accepts the form (layouts, property types, enums); optional: needs Qt's uic."""
+    import subprocess
+
+    uic = _find_uic()
+    if uic is None:
+        pytest.skip("Qt uic not installed (Debian: apt-get install qtbase5-dev-tools)")
+    out = tmp_path / "ui_LesionLocator.h"
+    proc = subprocess.run([uic, str(UI_FILE), "-o", str(out)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and not proc.stderr.strip(), proc.stderr
+    code = out.read_text()
+    assert "setupUi" in code and "promptPlaceWidget" in code
+
+
 def test_ui_parameter_names_exist_in_the_parameter_node():
     tree = ast.parse(MODULE_PY.read_text(encoding="utf-8"))
     fields = set()
