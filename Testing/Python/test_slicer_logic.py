@@ -545,3 +545,86 @@ def test_cached_image_is_not_copied_and_new_model_gets_its_own_copy(LL, scene, l
     held = logic._segmenter.image.array
     assert held.flags.owndata  # never a view of MRML memory that Slicer may free
     np.testing.assert_array_equal(held, LL.volumeFromVolumeNode(node).array)
+
+
+# ----------------------------------------------------------------------------------------------- server backend
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server_url(tiny_model, tmp_path_factory):
+    """``python -m LesionLocatorLib.server`` with the tiny model, as a child process on a loopback port."""
+    import os
+    import subprocess
+
+    for mod in ("fastapi", "uvicorn", "requests", "zstandard"):
+        pytest.importorskip(mod)
+    from LesionLocatorLib.client import ServerError, wait_for_server
+
+    tmp = tmp_path_factory.mktemp("server")
+    token = "slicer-logic-test-token-0123456789"
+    (tmp / "tokens.txt").write_text(token + "\n")
+    port = _free_port()
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
+    log = open(tmp / "server.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "LesionLocatorLib.server", "-m", tiny_model, "--host", "127.0.0.1",
+                             "--port", str(port), "--device", "cpu", "--token-file", str(tmp / "tokens.txt"),
+                             "--log-level", "warning", "--no-warmup"],
+                            cwd=str(REPO), env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for_server(url, timeout_s=90, token=token)
+    except ServerError:
+        proc.kill()
+        proc.wait(timeout=30)
+        log.close()
+        raise AssertionError("server did not start:\n" + (tmp / "server.log").read_text()[-3000:])
+    yield url, token
+    proc.kill()
+    proc.wait(timeout=30)
+    log.close()
+
+
+def test_server_backend_gives_the_local_result(LL, scene, tiny_model, server_url):
+    url, token = server_url
+    node, _ = make_volume_node(scene, shape_zyx=(12, 18, 18), spacing=(1.6, 1.8, 2.5))
+    points = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "pts")
+    _place_world(scene, points, ijk_to_world(node, (9, 8, 6)))
+    LL.setLesionIdOfControlPoint(points, 0, 1)
+    roi = _roi_on_voxels(scene, LL, node, (2, 3, 2), (7, 9, 5))
+    LL.setLesionIdOfROI(roi, 2)
+
+    remote = LL.LesionLocatorLogic(scene=scene)
+    remote.configure(backend=LL.BACKEND_SERVER, serverUrl=url, serverToken=token, speedPreset="fastest")
+    assert "LesionLocator server" in remote.testServerConnection()
+    remote.segment(node, [points], [roi])
+    got = remote.segmentationResultFromNode(node)
+
+    local_scene = slicer.vtkMRMLScene()
+    local_node, _ = make_volume_node(local_scene, shape_zyx=(12, 18, 18), spacing=(1.6, 1.8, 2.5))
+    local = LL.LesionLocatorLogic(scene=local_scene)
+    local.configure(modelPath=tiny_model, device="cpu", speedPreset="fastest")
+    job = remote.prepareSegmentation(node, [points], [roi])  # same prompts, read from the same markups
+    local_result = local.computeSegmentation(job)
+    for lid in (1, 2):
+        np.testing.assert_array_equal(got.mask(lid), local_result.mask(lid))
+
+
+def test_server_errors_name_the_cause(LL, scene, server_url):
+    url, _ = server_url
+    wrong_token = LL.LesionLocatorLogic(scene=scene)
+    wrong_token.configure(backend=LL.BACKEND_SERVER, serverUrl=url, serverToken="not-the-token")
+    with pytest.raises(OSError) as info:
+        wrong_token.testServerConnection()
+        wrong_token._getClient().set_image(LL.volumeFromVolumeNode(make_volume_node(scene)[0]))
+    assert "token" in LL.describeError(info.value).lower()
+    unreachable = LL.LesionLocatorLogic(scene=scene)
+    unreachable.configure(backend=LL.BACKEND_SERVER, serverUrl=f"http://127.0.0.1:{_free_port()}")
+    with pytest.raises(OSError) as info:
+        unreachable.testServerConnection()
+    assert "cannot reach" in LL.describeError(info.value)
