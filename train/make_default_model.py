@@ -1,0 +1,238 @@
+"""Train, evaluate and package the small bundled default model (``LesionLocatorLib/default_model``).
+
+    python -m train default-model --work /tmp/ll_default --data ../shared/data        # all stages
+    python -m train default-model --work /tmp/ll_default --stage evaluate              # re-evaluate only
+
+Stages:
+1. ``train``: one small promptable ResEnc UNet trained with this project's segmentation trainer
+   (``train.trainer_segment``) on phantoms (``LesionLocatorLib.phantom``) plus the real DeepLesion cases of
+   ``<data>/cases.json``, prompts mixed (point or box per sample).
+2. ``export``: the final weights (stored as float16) into the published layout
+   ``<output>/LesionLocatorCheckpoint/LesionLocatorSeg/{point_optimized,bbox_optimized}/`` - the same
+   network in both folders (one model trained with both prompt types).
+3. ``evaluate``: ``LesionSegmenter.from_checkpoint`` on the exported package, on held-out real lesions
+   (STS) and held-out phantoms, with point prompts (the centroid point of cases.json and random interior
+   points) and box prompts, against the region-growing baseline of ``train/baseline.py`` on the same
+   prompts; Dice and NSD (2 mm); written to ``<output>/evaluation.json``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from LesionLocatorLib.checkpoint import write_checkpoint
+from LesionLocatorLib.image_io import read_image
+from LesionLocatorLib.metrics import dice, normalized_surface_dice
+from LesionLocatorLib.phantom import make_phantom
+from LesionLocatorLib.plans import config_from_dicts, make_dataset_json, make_plans
+
+from . import data as D
+from .baseline import region_grow
+from .trainer_segment import SegmentConfig, SegmentTrainer
+
+PACKAGE_DIR = Path(__file__).resolve().parents[1] / "LesionLocatorLib" / "default_model"
+TRAIN_DATASETS = ("deeplesion",)  # real cases used for training
+EVAL_DATASETS = ("sts",)  # real cases held out for evaluation
+
+# The default model's plans: coarse spacing and a small patch so one click costs about a second on a CPU.
+PATCH = (32, 48, 48)
+SPACING = (2.5, 1.5, 1.5)
+FEATURES = (8, 16, 32, 64, 64)
+BLOCKS = (1, 1, 2, 2, 2)
+
+
+def default_plans() -> dict:
+    return make_plans(PATCH, SPACING, FEATURES, BLOCKS, "torch", dataset_name="LesionLocatorSegDefaultSmall")
+
+
+def _dataset_of(case_id: str, image: str) -> str:
+    return "sts" if case_id.startswith("STS") else "deeplesion" if "_" in case_id and case_id[0].isdigit() else "other"
+
+
+def real_cases(data_root: Path) -> list[dict]:
+    """Labelled real cases of ``cases.json`` as {dataset, name, image, labels, lesions}."""
+    meta = json.loads((data_root / "cases.json").read_text())
+    folders = {"sts": "sts", "deeplesion": "deeplesion"}
+    out = []
+    for cid, m in meta.items():
+        ds = _dataset_of(cid, m["image"])
+        if ds not in folders:
+            continue
+        d = data_root / folders[ds]
+        out.append({"dataset": ds, "name": cid, "image": d / m["image"], "labels": d / m["lesions"],
+                    "lesions": m.get("lesions_detail", {})})
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+def train(work: Path, data_root: Path, epochs: int, iters: int, phantoms: int, seed: int, batch_size: int,
+          resume: bool) -> Path:
+    plans = default_plans()
+    config = config_from_dicts(plans, make_dataset_json())
+    cache = work / "preprocessed"
+    reals = [c for c in real_cases(data_root) if c["dataset"] in TRAIN_DATASETS]
+    train_cases = D.load_case_files(reals, config, cache)
+    train_cases += D.phantom_cases(phantoms, config, cache, seed=seed)
+    val_cases = D.phantom_cases(4, config, cache, seed=seed + 100003, dataset="phantom_val")
+    cfg = SegmentConfig(output=work / "model", plans=plans, prompt="mixed", epochs=epochs, iters_per_epoch=iters,
+                        val_samples=8, batch_size=batch_size, lr=1e-2, seed=seed, device="cpu", max_offset=0.15,
+                        scale_range=(0.7, 1.3), augment_prob=0.25, weighting="uniform", fp16_weights=True)
+    trainer = SegmentTrainer(cfg, train_cases, val_cases)
+    if resume and trainer.try_resume():
+        print(f"resumed at epoch {trainer.start_epoch}", flush=True)
+    final = trainer.run()
+    assert final is not None
+    return final
+
+
+def export(work: Path, output: Path) -> list[Path]:
+    """Copy the trained model into the package layout (float16 weights, no optimizer state)."""
+    src = work / "model" / "fold_0" / "checkpoint_final.pth"
+    ckpt = torch.load(src, map_location="cpu", weights_only=False)
+    plans = json.loads((work / "model" / "plans.json").read_text())
+    weights = {k: v.half() if v.is_floating_point() else v for k, v in ckpt["network_weights"].items()}
+    root = output / "LesionLocatorCheckpoint" / "LesionLocatorSeg"
+    paths = []
+    for sub in ("point_optimized", "bbox_optimized"):
+        if (root / sub).exists():
+            shutil.rmtree(root / sub)
+        paths.append(write_checkpoint(root / sub, plans, make_dataset_json(), 0, weights,
+                                      "LesionLocatorTrainerSegment", (0, 1, 2),
+                                      extra={"current_epoch": ckpt.get("current_epoch"),
+                                             "train_config": ckpt.get("train_config", {})}))
+    shutil.copy(work / "model" / "fold_0" / "training_log.jsonl", output / "training_log.jsonl")
+    if (work / "model" / "fold_0" / "progress.png").is_file():
+        shutil.copy(work / "model" / "fold_0" / "progress.png", output / "training_progress.png")
+    return paths
+
+
+# ----------------------------------------------------------------------------------------------------------
+def _interior_points(mask: np.ndarray, n: int, rng: np.random.Generator) -> list[list[int]]:
+    """Random lesion voxels at least 2 voxels from the boundary (a user clicks inside, not on the edge)."""
+    from scipy import ndimage
+
+    inner = ndimage.binary_erosion(mask, iterations=2)
+    pts = np.argwhere(inner if inner.any() else mask)
+    return [[int(v) for v in pts[int(i)]] for i in rng.choice(len(pts), size=min(n, len(pts)), replace=False)]
+
+
+def _score(pred: np.ndarray, gt: np.ndarray, spacing) -> dict[str, float]:
+    return {"dice": dice(pred, gt), "nsd2mm": normalized_surface_dice(pred, gt, spacing, 2.0)}
+
+
+def evaluate(package: Path, data_root: Path, seed: int = 0, n_random_points: int = 4, n_phantoms: int = 3,
+             include_training_cases: bool = True) -> dict[str, Any]:
+    """Dice / NSD of the packaged model and the region-growing baseline on the same prompts."""
+    from LesionLocatorLib.segmenter import LesionSegmenter
+
+    seg = LesionSegmenter.from_checkpoint(package, ["point", "box"], device="cpu", tta=False)
+    rng = np.random.default_rng(seed)
+    records: list[dict] = []
+    items: list[tuple[str, str, Any, np.ndarray, dict]] = []  # (group, name, image Volume, labels, details)
+    for c in real_cases(data_root):
+        held_out = c["dataset"] in EVAL_DATASETS
+        if not held_out and not include_training_cases:
+            continue
+        group = f"real_{c['dataset']}_" + ("heldout" if held_out else "seen_in_training")
+        img = read_image(c["image"])
+        lab = read_image(c["labels"]).array
+        items.append((group, c["name"], img, lab, c["lesions"]))
+    for i in range(n_phantoms):
+        # seeds disjoint from the training (seed, i, 4242) and validation phantoms
+        ct, lab = make_phantom((64, 128, 128), (2.0, 1.5, 1.5), n_lesions=3, seed=900000 + seed * 100 + i)
+        items.append(("phantom_heldout", f"phantom_eval_{i}", ct, lab.array, {}))
+    for group, name, img, lab, details in items:
+        seg.set_image(img)
+        for lid in [int(v) for v in np.unique(lab) if v != 0]:
+            gt = lab == lid
+            idx = np.argwhere(gt)
+            det = details.get(str(lid), {})
+            centre = det.get("point") or [int(v) for v in idx[np.argmin(((idx - idx.mean(0)) ** 2).sum(1))]]
+            box = det.get("box") or [int(v) for a in range(3) for v in (idx[:, a].min(), idx[:, a].max() + 1)]
+            prompts = [("point_centroid", {"point": centre})]
+            prompts += [(f"point_random{k}", {"point": p}) for k, p in enumerate(_interior_points(gt, n_random_points,
+                                                                                               rng))]
+            prompts.append(("box", {"box": box}))
+            for pname, pr in prompts:
+                t0 = time.perf_counter()
+                if "point" in pr:
+                    res = seg.segment(points={1: pr["point"]})
+                else:
+                    res = seg.segment(boxes={1: pr["box"]})
+                dt = time.perf_counter() - t0
+                pred = res.lesions[1].full(img.shape).astype(bool)
+                base = region_grow(img, seed_zyx=pr.get("point"), box=pr.get("box"))
+                rec = {"group": group, "case": name, "lesion": lid, "prompt": pname,
+                       "gt_voxels": int(gt.sum()), "seconds": round(dt, 3),
+                       "model": _score(pred, gt, img.spacing), "baseline": _score(base, gt, img.spacing)}
+                records.append(rec)
+                print(json.dumps(rec), flush=True)
+    summary: dict[str, Any] = {}
+    for group in sorted({r["group"] for r in records}):
+        for kind in ("point", "box"):
+            rs = [r for r in records if r["group"] == group and r["prompt"].startswith(kind)]
+            if not rs:
+                continue
+            summary[f"{group}/{kind}"] = {
+                "n_prompts": len(rs), "n_lesions": len({(r["case"], r["lesion"]) for r in rs}),
+                **{f"{who}_{m}": float(np.mean([r[who][m] for r in rs]))
+                   for who in ("model", "baseline") for m in ("dice", "nsd2mm")},
+                "seconds_per_prompt": float(np.mean([r["seconds"] for r in rs])),
+            }
+    return {"summary": summary, "records": records, "torch_threads": torch.get_num_threads()}
+
+
+# ----------------------------------------------------------------------------------------------------------
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--work", type=Path, required=True, help="scratch folder (cache, full checkpoints, logs)")
+    parser.add_argument("--data", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "data",
+                        help="folder with cases.json (real CTs)")
+    parser.add_argument("--output", type=Path, default=PACKAGE_DIR, help="package folder to write")
+    parser.add_argument("--stage", choices=("all", "train", "export", "evaluate"), default="all")
+    parser.add_argument("--epochs", type=int, default=20)
+    parser.add_argument("--iters", type=int, default=25)
+    parser.add_argument("--batch-size", type=int, default=2)
+    parser.add_argument("--phantoms", type=int, default=20)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--resume", action="store_true")
+
+
+def run(args: argparse.Namespace) -> int:
+    torch.set_num_threads(args.threads)
+    if not (args.data / "cases.json").is_file():
+        print(f"default-model: error: {args.data / 'cases.json'} not found", file=sys.stderr)
+        return 2
+    args.work.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    if args.stage in ("all", "train"):
+        train(args.work, args.data, args.epochs, args.iters, args.phantoms, args.seed, args.batch_size, args.resume)
+        print(f"training took {time.time() - t0:.0f} s", flush=True)
+    if args.stage in ("all", "export"):
+        args.output.mkdir(parents=True, exist_ok=True)
+        for p in export(args.work, args.output):
+            print(f"exported {p} ({p.stat().st_size / 1e6:.2f} MB)")
+    if args.stage in ("all", "evaluate"):
+        result = evaluate(args.output / "LesionLocatorCheckpoint", args.data, args.seed)
+        result["command"] = "python -m train default-model " + " ".join(sys.argv[2:])
+        (args.output / "evaluation.json").write_text(json.dumps(result, indent=1))
+        print(json.dumps(result["summary"], indent=1))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m train default-model", description=__doc__.split("\n")[0])
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
