@@ -407,9 +407,30 @@ def orientedImageFromMask(volumeNode, bbox: Sequence[int], mask: np.ndarray):
     return image
 
 
-def _copyOrientedImage(image):
+def tightOrientedImageCopy(image):
+    """A binary (0/1) copy of an oriented image cropped to its non-zero voxels.
+
+    Segments edited in the Segment Editor often span the whole volume; undo keeps only the lesion's box.
+    """
+    from vtk.util import numpy_support
+
     out = slicer.vtkOrientedImageData()
-    out.DeepCopy(image)
+    matrix = vtk.vtkMatrix4x4()
+    image.GetImageToWorldMatrix(matrix)
+    out.SetImageToWorldMatrix(matrix)
+    ext = image.GetExtent()
+    if ext[0] > ext[1] or ext[2] > ext[3] or ext[4] > ext[5] or image.GetPointData().GetScalars() is None:
+        return out
+    dims = (ext[5] - ext[4] + 1, ext[3] - ext[2] + 1, ext[1] - ext[0] + 1)
+    data = numpy_support.vtk_to_numpy(image.GetPointData().GetScalars()).reshape(dims) > 0
+    nz = [np.flatnonzero(data.any(axis=tuple(a for a in range(3) if a != axis))) for axis in range(3)]
+    if any(n.size == 0 for n in nz):
+        return out
+    (z0, z1), (y0, y1), (x0, x1) = [(int(n[0]), int(n[-1])) for n in nz]
+    out.SetExtent(ext[0] + x0, ext[0] + x1, ext[2] + y0, ext[2] + y1, ext[4] + z0, ext[4] + z1)
+    out.AllocateScalars(vtk.VTK_UNSIGNED_CHAR, 1)
+    crop = data[z0:z1 + 1, y0:y1 + 1, x0:x1 + 1].astype(np.uint8)
+    numpy_support.vtk_to_numpy(out.GetPointData().GetScalars())[:] = crop.ravel()
     return out
 
 
@@ -588,7 +609,9 @@ def describeError(exc: BaseException) -> str:
                 "programs, or a LesionLocator server with more memory.")
     if isinstance(exc, (ModuleNotFoundError, DependencyError)):
         return text + "\nOpen 'Setup' and click 'Install dependencies'."
-    if isinstance(exc, (ConnectionError, TimeoutError)) or "connection" in lower:
+    if type(exc).__module__.endswith("LesionLocatorLib.client"):
+        return text  # the client's errors already say what failed and what to do
+    if isinstance(exc, (ConnectionError, TimeoutError)):
         return "The LesionLocator server is not reachable: " + text + "\nCheck the URL, the token and the network."
     if isinstance(exc, (LesionLocatorInputError, CancelledError)):
         return text
@@ -636,7 +659,7 @@ if parameterNodeWrapper is not None:
         currentLesionId: int = 1
         autoSegment: bool = True
         backend: str = BACKEND_LOCAL
-        serverUrl: str = "http://127.0.0.1:8000"
+        serverUrl: str = "http://127.0.0.1:8765"  # `lesionlocator serve` default
         modelPath: str = ""  # empty: the bundled default model
         device: str = "auto"
         speedPreset: str = "fast"
@@ -858,7 +881,7 @@ class LesionLocatorLogic(ScriptedLoadableModuleLogic):
             return _UndoItem(segmentationNode.GetID(), segmentId, None, None)
         image = slicer.vtkOrientedImageData()
         segmentationNode.GetBinaryLabelmapRepresentation(segmentId, image)
-        return _UndoItem(segmentationNode.GetID(), segmentId, _copyOrientedImage(image), _segmentStatus(segment))
+        return _UndoItem(segmentationNode.GetID(), segmentId, tightOrientedImageCopy(image), _segmentStatus(segment))
 
     def writeLesionMask(self, volumeNode, lesionId: int, bbox: Sequence[int], mask: np.ndarray,
                         status: Optional[str] = None, segmentationNode=None) -> str:
@@ -875,6 +898,11 @@ class LesionLocatorLogic(ScriptedLoadableModuleLogic):
             logic.ClearSegment(segmentationNode, segmentId)
             status = STATUS_NOT_FOUND
         else:
+            # store only the lesion's box (a tracker or an import may hand over a much larger crop)
+            nz = [np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != axis))) for axis in range(3)]
+            lo, hi = [int(n[0]) for n in nz], [int(n[-1]) + 1 for n in nz]
+            mask = mask[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
+            bbox = (bbox[0] + lo[0], bbox[0] + hi[0], bbox[2] + lo[1], bbox[2] + hi[1], bbox[4] + lo[2], bbox[4] + hi[2])
             image = orientedImageFromMask(volumeNode, bbox, mask)
             if not logic.SetBinaryLabelmapToSegment(image, segmentationNode, segmentId, logic.MODE_REPLACE):
                 raise RuntimeError(f"could not write lesion {lesionId} into '{segmentationNode.GetName()}'")
@@ -989,7 +1017,7 @@ class LesionLocatorLogic(ScriptedLoadableModuleLogic):
             status = _segmentStatus(segment)
             if crop.size == 0 or not crop.any():
                 status = STATUS_NOT_FOUND
-            result.lesions[lid] = LesionMask(lid, tuple(int(v) for v in bbox), crop, None, status)
+            result.lesions[lid] = LesionMask(lid, tuple(int(v) for v in bbox), crop, None, status).shrink()
         return result
 
     # -- segmentation ---------------------------------------------------------------------------------

@@ -628,3 +628,26 @@ def test_server_errors_name_the_cause(LL, scene, server_url):
     with pytest.raises(OSError) as info:
         unreachable.testServerConnection()
     assert "cannot reach" in LL.describeError(info.value)
+
+
+def test_undo_snapshots_are_cropped_to_the_lesion(LL, scene, logic):
+    """A whole-volume labelmap (as Segment Editor layers can be) is stored for undo as the lesion's box only."""
+    from vtk.util import numpy_support as ns
+
+    node, _ = make_volume_node(scene, directions=np.eye(3))
+    vol = LL.volumeFromVolumeNode(node)
+    full = np.zeros(vol.shape, bool)
+    full[2:4, 3:6, 4:9] = True
+    image = LL.orientedImageFromMask(node, (0, 9, 0, 11, 0, 13), full)
+    assert image.GetExtent() == (0, 12, 0, 10, 0, 8)
+    tight = LL.tightOrientedImageCopy(image)
+    assert tight.GetExtent() == (4, 8, 3, 5, 2, 3)
+    assert ns.vtk_to_numpy(tight.GetPointData().GetScalars()).all()
+    assert LL.tightOrientedImageCopy(LL.orientedImageFromMask(node, (0, 1, 0, 1, 0, 1), np.zeros((1, 1, 1)))
+                                     ).GetPointData().GetScalars() is None
+    logic.applyResult(node, _result(vol, [_lesion(1, (0, 9, 0, 11, 0, 13), full)]))
+    seg = logic.segmentationNodeForVolume(node)
+    assert logic._snapshot(seg, 1).previous.GetExtent() == (4, 8, 3, 5, 2, 3)
+    logic.applyResult(node, _result(vol, [_lesion(1, (0, 1, 0, 1, 0, 1), np.ones((1, 1, 1)))]))
+    logic.undoLastResult()
+    np.testing.assert_array_equal(logic.segmentationResultFromNode(node).mask(1).astype(bool), full)
