@@ -16,7 +16,6 @@ Design notes
   with arrays indexed (z, y, x). The conversion is done once, in :func:`volumeFromVolumeNode`, including the
   volume's parent transform; markups are read in world coordinates, so their transforms are accounted for too.
 """
-from __future__ import annotations
 
 import csv
 import dataclasses
@@ -2065,6 +2064,27 @@ class LesionLocatorTest(ScriptedLoadableModuleTest):
 
         widget.onUndo()
         self.assertIsNone(segNode.GetSegmentation().GetSegment(segmentIdForLesion(1)))
+        self.assertFalse(widget.logic.canUndo())
+
+        # a second lesion from a box, after "New lesion"
+        interactionNode = slicer.app.applicationLogic().GetInteractionNode()
+        widget.onNewLesion()
+        interactionNode.SwitchToViewTransformMode()
+        self.assertEqual(p.currentLesionId, 2)
+        widget.onPlaceBox()
+        interactionNode.SwitchToViewTransformMode()
+        roi = p.promptBoxes[len(p.promptBoxes) - 1]
+        self.assertEqual(lesionIdOfROI(roi), 2)
+        center = volume.voxel_to_world((12, 16, 16), ras=True)
+        roi.SetCenter(*center)
+        roi.SetSize(12.0, 12.0, 12.0)
+        widget.onSegment()
+        widget.waitForJob()
+        segment2 = segNode.GetSegmentation().GetSegment(segmentIdForLesion(2))
+        self.assertIsNotNone(segment2)
+        self.assertEqual(segment2.GetName(), "Lesion 2")
+        for got, expected in zip(segment2.GetColor(), lesionColor(2)):
+            self.assertAlmostEqual(got, expected, places=5)
 
         # a hand-made lesion so that the report has a non-empty baseline
         mask = np.zeros((6, 6, 6), dtype=bool)
@@ -2074,4 +2094,10 @@ class LesionLocatorTest(ScriptedLoadableModuleTest):
         widget.onReport()
         self.assertIsNotNone(p.reportTable)
         self.assertGreaterEqual(p.reportTable.GetNumberOfRows(), 2)
+        csvPath = os.path.join(tempfile.mkdtemp(prefix="LesionLocatorTest"), "report.csv")
+        widget.logic.exportTableCSV(p.reportTable, csvPath)
+        with open(csvPath, newline="", encoding="utf-8") as f:
+            rows = list(csv.DictReader(f))
+        self.assertEqual(len(rows), p.reportTable.GetNumberOfRows())
+        self.assertIn("volume_ml", rows[0])
         self.delayDisplay("Widget workflow OK")
