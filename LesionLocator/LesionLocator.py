@@ -1174,13 +1174,18 @@ class LesionLocatorLogic(ScriptedLoadableModuleLogic):
                         sorted(masks))
 
     def _getTracker(self):
-        from LesionLocatorLib.tracker import LesionTracker
+        try:
+            from LesionLocatorLib.tracker import LesionTracker
+        except ImportError as exc:
+            raise DependencyError(f"this installation cannot track lesions (LesionLocatorLib.tracker: {exc})") from exc
+        from LesionLocatorLib.checkpoint import resolve_model_dir
 
         folds, tta = self._presetFoldsTta()
         key = (self.resolvedModelPath(), self.device, str(folds), tta)
         if self._tracker is None or self._trackerKey != key:
             self._tracker = None
-            self._tracker = LesionTracker.from_checkpoint(key[0], device=self.device, folds=folds, tta=tta)
+            modelDir = resolve_model_dir(key[0], "track")  # LesionLocatorTrack inside the package
+            self._tracker = LesionTracker.from_checkpoint(modelDir, device=self.device, folds=folds, tta=tta)
             self._trackerKey = key
         return self._tracker
 
@@ -1201,18 +1206,35 @@ class LesionLocatorLogic(ScriptedLoadableModuleLogic):
         masks = {}
         for lid, (bbox, crop) in job.baselineMasks.items():
             masks[lid] = LesionMask(lid, tuple(bbox), crop, None, STATUS_FOUND)
-        baselineResult = SegmentationResult(job.baseline, masks)
         with self._lock:
             report(0.0, "loading the tracking model")
             if self.backend == BACKEND_SERVER:
                 report(0.02, "sending the images to the server")
                 results = self._getClient().track(job.baseline, job.followUps, masks=masks)
             else:
-                results = self._getTracker().track(job.baseline, job.followUps, baselineResult, progress=report)
+                import inspect
+
+                from LesionLocatorLib.prompts import Mask
+
+                tracker = self._getTracker()
+                # the baseline masks are the prompts (published tracking: mask prompts on the baseline grid)
+                prompts = {lid: Mask(m.full(job.baseline.shape).astype(bool)) for lid, m in masks.items()}
+                kwargs = {"progress": report} if "progress" in inspect.signature(tracker.track).parameters else {}
+                report(0.05, f"tracking {len(prompts)} lesion(s) into {len(job.followUps)} follow-up(s)")
+                results = tracker.track(job.baseline, job.followUps, prompts, **kwargs)
+        return self.completeTrackingResults(job, results)
+
+    @staticmethod
+    def completeTrackingResults(job: TrackJob, results) -> list:
+        """One result per follow-up, each listing every tracked lesion (missing ones as 'not found')."""
+        from LesionLocatorLib.results import LesionMask
+
         results = list(results)
         if len(results) != len(job.followUps):
             raise RuntimeError(f"the tracker returned {len(results)} results for {len(job.followUps)} follow-ups")
-        for res in results:
+        for res, followUp in zip(results, job.followUps):
+            if tuple(res.image.shape) != tuple(followUp.shape):
+                raise RuntimeError(f"a tracking result has the shape {res.image.shape}, its follow-up {followUp.shape}")
             for lid in job.lesionIds:
                 if lid not in res.lesions:
                     res.lesions[lid] = LesionMask(lid, (0, 0, 0, 0, 0, 0), np.zeros((0, 0, 0), bool), None,

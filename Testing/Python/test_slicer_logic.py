@@ -651,3 +651,51 @@ def test_undo_snapshots_are_cropped_to_the_lesion(LL, scene, logic):
     logic.applyResult(node, _result(vol, [_lesion(1, (0, 1, 0, 1, 0, 1), np.ones((1, 1, 1)))]))
     logic.undoLastResult()
     np.testing.assert_array_equal(logic.segmentationResultFromNode(node).mask(1).astype(bool), full)
+
+
+def test_tracking_results_to_follow_up_segments(LL, scene, logic):
+    """prepareTracking reads the baseline segments; tracker output becomes per-follow-up segments (one undo step)."""
+    base, _ = make_volume_node(scene, name="baseline")
+    fu1, _ = make_volume_node(scene, name="fu1", shape_zyx=(10, 12, 11), seed=1)
+    fu2, _ = make_volume_node(scene, name="fu2", shape_zyx=(8, 11, 13), seed=2)
+    fu1.SetAndObserveTransformNodeID(add_linear_transform(scene, rigid(rotation(2, 5.0), (2, 0, 0))).GetID())
+    vb = LL.volumeFromVolumeNode(base)
+    logic.applyResult(base, _result(vb, [_lesion(1, (2, 5, 3, 7, 4, 9), np.ones((3, 4, 5))),
+                                         _lesion(2, (6, 8, 1, 3, 1, 3), np.ones((2, 2, 2)))]))
+    job = logic.prepareTracking(base, [fu1, fu2])
+    assert job.lesionIds == [1, 2] and len(job.followUps) == 2
+    np.testing.assert_array_equal(LL.LesionLocatorLogic.completeTrackingResults(job, [
+        _result(job.followUps[0], []), _result(job.followUps[1], [])])[0].lesions[1].mask, np.zeros((0, 0, 0)))
+    v1, v2 = job.followUps
+    # what a tracker returns: lesion 1 found in both follow-ups, lesion 2 only in the first
+    results = LL.LesionLocatorLogic.completeTrackingResults(job, [
+        _result(v1, [_lesion(1, (3, 6, 3, 7, 4, 8), np.ones((3, 4, 4))), _lesion(2, (5, 7, 1, 3, 1, 3), np.ones((2, 2, 2)))]),
+        _result(v2, [_lesion(1, (2, 4, 3, 7, 4, 9), np.ones((2, 4, 5)))]),
+    ])
+    assert results[1].lesions[2].status == "not found"
+    not_found = logic.applyTracking(job, results)
+    assert not_found == [("fu2", 2)]
+    for node, res in ((fu1, results[0]), (fu2, results[1])):
+        seg = logic.segmentationNodeForVolume(node, create=False)
+        assert seg.GetParentTransformNode() is node.GetParentTransformNode()
+        back = logic.segmentationResultFromNode(node)
+        np.testing.assert_array_equal(back.mask(1), res.lesions[1].full(res.shape))
+        np.testing.assert_allclose(seg.GetSegmentation().GetSegment("Lesion_1").GetColor(), LL.lesionColor(1), atol=1e-6)
+    report = logic.buildReport([base, fu1, fu2])
+    assert len(report.rows()) == 6
+    assert logic.undoLastResult() == "track lesions"
+    assert logic.segmentationNodeForVolume(fu1, create=False).GetSegmentation().GetNumberOfSegments() == 0
+    with pytest.raises(RuntimeError, match="results for 2 follow-ups"):
+        LL.LesionLocatorLogic.completeTrackingResults(job, [_result(v1, [])])
+
+
+def test_tracking_without_tracker_module_is_explained(LL, scene, logic, tiny_model):
+    if importlib.util.find_spec("LesionLocatorLib.tracker") is not None:
+        pytest.skip("this checkout has a tracker")
+    base, _ = make_volume_node(scene, name="b")
+    fu, _ = make_volume_node(scene, name="f")
+    vb = LL.volumeFromVolumeNode(base)
+    logic.applyResult(base, _result(vb, [_lesion(1, (2, 5, 3, 7, 4, 9), np.ones((3, 4, 5)))]))
+    logic.configure(modelPath=tiny_model, device="cpu")
+    with pytest.raises(LL.DependencyError, match="cannot track"):
+        logic.computeTracking(logic.prepareTracking(base, [fu]))
