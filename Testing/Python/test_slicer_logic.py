@@ -699,3 +699,22 @@ def test_tracking_without_tracker_module_is_explained(LL, scene, logic, tiny_mod
     logic.configure(modelPath=tiny_model, device="cpu")
     with pytest.raises(LL.DependencyError, match="cannot track"):
         logic.computeTracking(logic.prepareTracking(base, [fu]))
+
+
+def test_requirements_and_missing_dependencies(LL, tmp_path):
+    reqs = LL.parseRequirements()
+    by = {r.spec.split(">")[0].split("=")[0].strip(): r for r in reqs}
+    assert by["dynamic-network-architectures"].noDeps and by["icon-registration"].noDeps
+    assert not by["numpy"].noDeps and by["connected-components-3d"].importName == "cc3d"
+    custom = tmp_path / "requirements.txt"
+    custom.write_text("numpy  # import: numpy\n# [no-deps]\nnot-a-real-package-xyz>=1  # import: not_a_real_package_xyz\n")
+    parsed = LL.parseRequirements(str(custom))
+    assert [r.noDeps for r in parsed] == [False, True]
+    assert LL.missingDependencies(parsed) == ["not_a_real_package_xyz"]  # torch and numpy are installed here
+
+
+def test_error_messages_for_users(LL):
+    assert "Install dependencies" in LL.describeError(LL.DependencyError("torch is missing"))
+    assert "Fastest" in LL.describeError(RuntimeError("CUDA out of memory. Tried to allocate 2 GiB"))
+    assert LL.describeError(LL.LesionLocatorInputError("select the baseline volume")) == "select the baseline volume"
+    assert LL.describeError(KeyError("x")).startswith("KeyError")
