@@ -1531,6 +1531,7 @@ class LesionLocatorWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onSceneStartClose(self, caller, event) -> None:
         self.setParameterNode(None)
         self.logic.undoStack.clear()
+        self._pendingLesionIds.clear()
 
     def onSceneEndClose(self, caller, event) -> None:
         if self.parent.isEntered:
