@@ -1,8 +1,10 @@
 """Reading and writing volumes with SimpleITK (NIfTI, NRRD, MHA, DICOM series folders)."""
 from __future__ import annotations
 
+import gzip
 import os
 import tempfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -66,6 +68,7 @@ def read_image(path: str | os.PathLike) -> Volume:
                 raise ImageReadError(
                     f"unsupported image format: {path.name} (supported: {', '.join(SUPPORTED_SUFFIXES)}, DICOM folder)"
                 )
+            _check_nifti_complete(path)
             image = sitk.ReadImage(str(path))
     except ImageReadError:
         raise
@@ -73,6 +76,31 @@ def read_image(path: str | os.PathLike) -> Volume:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else "unknown error"
         raise ImageReadError(f"could not read image {path}: {first}") from exc
     return volume_from_sitk(image)
+
+
+def _check_nifti_complete(path: Path) -> None:
+    """ITK zero-fills a truncated NIfTI without complaint; check the byte count ourselves."""
+    name = path.name.lower()
+    if not (name.endswith(".nii") or name.endswith(".nii.gz")):
+        return
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    reader.ReadImageInformation()
+    n_vox = int(np.prod(reader.GetSize())) * reader.GetNumberOfComponents()
+    bytes_per = np.dtype(sitk.GetArrayFromImage(sitk.Image([1] * reader.GetDimension(), reader.GetPixelID())).dtype).itemsize
+    needed = n_vox * bytes_per + 348
+    if name.endswith(".gz"):
+        total = 0
+        try:
+            with gzip.open(path, "rb") as fh:
+                while chunk := fh.read(1 << 22):
+                    total += len(chunk)
+        except (EOFError, OSError, zlib.error) as exc:
+            raise ImageReadError(f"could not read image {path}: the compressed file is truncated or corrupt") from exc
+    else:
+        total = path.stat().st_size
+    if total < needed:
+        raise ImageReadError(f"could not read image {path}: file is truncated ({total} of at least {needed} bytes)")
 
 
 def write_image(volume: Volume, path: str | os.PathLike, compress: bool = True) -> Path:
