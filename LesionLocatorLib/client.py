@@ -122,6 +122,8 @@ class LesionLocatorClient:
         self.lesions: dict[int, LesionMask] = {}
         self.last_request_bytes = 0
         self.last_response_bytes = 0
+        self.last_server_ms: float | None = None  # the model job's time as the server measured it
+        self.last_changed: dict[int, list[int] | None] = {}  # per lesion: the region to repaint
         self.uploads = 0
         if check_version:
             self.check_server()
@@ -351,6 +353,8 @@ class LesionLocatorClient:
                 lesions[lid] = les
         self.lesions = lesions
         self.last_changed = {lid: e.get("changed_bbox") for lid, e in bundle.entries.items()}
+        ms = bundle.header.get("elapsed_ms")
+        self.last_server_ms = float(ms) if isinstance(ms, (int, float)) else None
         return SegmentationResult(self.image, dict(bundle.lesions))  # type: ignore[arg-type]
 
     def result(self) -> SegmentationResult:

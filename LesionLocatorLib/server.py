@@ -519,8 +519,11 @@ def _union_bbox(a: tuple | None, b: tuple | None) -> list[int] | None:
 
 
 def _shrunk(les: LesionMask) -> LesionMask:
+    """The mask as the reply carries it: no probabilities; cropped to its tight box unless it already is."""
+    if les.probability is None:
+        return les  # the segmenter crops masks it returns without probabilities (saves a pass over the crop)
     s = les.shrink()
-    s.probability = None  # probabilities stay on the server; the reply carries masks
+    s.probability = None
     return s
 
 

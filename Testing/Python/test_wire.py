@@ -188,3 +188,20 @@ def test_fuzz_decoders_only_raise_wire_errors(junk, cut):
             decode_masks(data, max_raw_bytes=10_000)
         except WireError:
             pass
+
+
+def test_two_level_hash_over_several_blocks():
+    """Volumes above one hash block: threaded and serial hashing agree, frames need not align with blocks."""
+    from LesionLocatorLib.wire import HASH_CHUNK_BYTES
+
+    rng = np.random.default_rng(5)
+    vol = Volume(rng.integers(-1000, 1000, size=(9, 300, 1000), dtype=np.int16))  # 5.4 MB... x2 bytes
+    assert vol.array.nbytes > HASH_CHUNK_BYTES
+    h1 = content_hash(vol, threads=1)
+    assert content_hash(vol, threads=4) == h1
+    data = encode_volume(vol, chunk_bytes=3 * 2**20 + 17)
+    out, digest = decode_volume(data)
+    assert digest == h1
+    np.testing.assert_array_equal(out.array, vol.array)
+    vol.array[8, 299, 999] += 1  # the very last voxel is covered by the hash
+    assert content_hash(vol) != h1

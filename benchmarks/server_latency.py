@@ -1,0 +1,280 @@
+"""Per-click latency of the LesionLocator server over loopback against in-process, in the same run.
+
+    python benchmarks/server_latency.py [--devices cpu,cuda] [--model CKPT] [--arch small|resenc-l]
+                                        [--clicks 20] [--image auto|synthetic|PATH] [--json OUT]
+
+For each device: one server process (python -m LesionLocatorLib.server) and one in-process
+LesionSegmenter load the same checkpoint; clicks alternate between the two (so drift in a
+shared machine's load hits both alike), and the figures are the medians of the per-click
+times and of their paired differences.  Also measured: bytes sent / received per click,
+and the upload of a 300 x 512 x 512 int16 CT (hash + zstd + transfer + server decode and
+hash check), plus the skipped re-upload.
+
+Targets (issue 5): server adds < 15 ms per click on loopback; a click sends < 4 KB and
+receives only the changed region; a 512 x 512 x 300 int16 CT uploads in < 1 s.
+
+Without --model the network is the plans' architecture with random weights (seeded): the
+latency of the transport does not depend on the weights.  The default architecture is the
+published ResEnc-L on CUDA and a small ResEnc on CPU (a ResEnc-L forward pass on a CPU takes
+minutes, which says nothing about the server's overhead).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from LesionLocatorLib.geometry import Volume  # noqa: E402
+
+LIDC = REPO.parent / "shared" / "data" / "lidc0314" / "LIDC-IDRI-0314_ct.nii.gz"
+LIDC_NODULE = (159, 243, 184)
+
+ARCHS = {
+    # name: (patch (z, y, x), features per stage)
+    "tiny": ((32, 32, 32), (2, 4, 8)),
+    "small": ((48, 64, 64), (8, 16, 32, 64)),
+    "resenc-l": ((160, 224, 224), (32, 64, 128, 256, 320, 320)),
+}
+
+
+def synthetic_ct(shape=(300, 512, 512), spacing=(1.0, 0.7, 0.7), seed=0) -> tuple[Volume, tuple[int, int, int]]:
+    """A CT-like int16 volume: air, body ellipse with fat / soft tissue, two lungs, spine, a nodule, 12 HU noise."""
+    rng = np.random.default_rng(seed)
+    nz, ny, nx = shape
+    yy, xx = np.ogrid[:ny, :nx]
+    sl = np.full((ny, nx), -1000, np.int16)
+    body = ((yy - ny / 2) / (ny * 0.38)) ** 2 + ((xx - nx / 2) / (nx * 0.45)) ** 2 < 1
+    inner = ((yy - ny / 2) / (ny * 0.33)) ** 2 + ((xx - nx / 2) / (nx * 0.40)) ** 2 < 1
+    sl[body] = -100
+    sl[inner] = 40
+    for cx in (0.32, 0.68):
+        lung = ((yy - ny * 0.47) / (ny * 0.2)) ** 2 + ((xx - nx * cx) / (nx * 0.13)) ** 2 < 1
+        sl[lung] = -850
+    spine = ((yy - ny * 0.75) / (ny * 0.05)) ** 2 + ((xx - nx / 2) / (nx * 0.05)) ** 2 < 1
+    sl[spine] = 700
+    arr = np.broadcast_to(sl, shape).copy()
+    center = (nz // 2, int(ny * 0.47), int(nx * 0.32))
+    zz, yy3, xx3 = np.ogrid[:nz, :ny, :nx]
+    nodule = ((zz - center[0]) * spacing[0]) ** 2 + ((yy3 - center[1]) * spacing[1]) ** 2 + \
+        ((xx3 - center[2]) * spacing[2]) ** 2 < 8.0 ** 2
+    arr[nodule] = 30
+    for z0 in range(0, nz, 32):  # noise in slabs keeps memory low
+        z1 = min(nz, z0 + 32)
+        arr[z0:z1] += np.round(rng.standard_normal((z1 - z0, ny, nx), dtype=np.float32) * 12).astype(np.int16)
+    return Volume(arr, spacing=spacing, origin=(-180.0, -180.0, -300.0)), center
+
+
+def tiny_checkpoint(arch: str, out: Path) -> Path:
+    import torch
+
+    from LesionLocatorLib.checkpoint import write_checkpoint
+    from LesionLocatorLib.network import build_network
+    from LesionLocatorLib.plans import config_from_dicts, make_dataset_json, make_plans
+
+    patch, feats = ARCHS[arch]
+    torch.manual_seed(0)
+    plans = make_plans(patch_size=patch, spacing=(1.0, 0.8, 0.8), features_per_stage=feats)
+    ds = make_dataset_json()
+    net = build_network(config_from_dicts(plans, ds), 2)
+    write_checkpoint(out / arch, plans, ds, 0, net.state_dict())
+    return out / arch
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def pct(xs: list[float], q: float) -> float:
+    return float(np.percentile(np.asarray(xs), q))
+
+
+def bench_device(device: str, ckpt: Path, vol: Volume, center: tuple[int, int, int], clicks: int,
+                 upload_vols: dict[str, Volume]) -> dict:
+    from LesionLocatorLib.client import LesionLocatorClient, wait_for_server
+    from LesionLocatorLib.segmenter import LesionSegmenter
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    log = tempfile.NamedTemporaryFile("w+", suffix=".log", delete=False)
+    proc = subprocess.Popen([sys.executable, "-m", "LesionLocatorLib.server", "-m", str(ckpt), "--port", str(port),
+                             "--device", device, "--log-level", "warning"], stdout=log, stderr=subprocess.STDOUT,
+                            cwd=str(REPO), env=env, start_new_session=True)
+    out: dict = {"device": device}
+    try:
+        t0 = time.perf_counter()
+        seg = LesionSegmenter.from_checkpoint(ckpt, prompt_type="point", device=device)
+        seg.warmup("point")
+        out["inprocess_load_s"] = time.perf_counter() - t0
+        deadline = time.monotonic() + 600
+        while True:  # bounded: stops when the server is up, has died, or 10 minutes passed
+            if proc.poll() is not None:
+                raise RuntimeError(f"the server process exited with code {proc.returncode} before it was ready")
+            try:
+                wait_for_server(url, timeout_s=2)
+                break
+            except Exception:  # noqa: BLE001 - not ready yet
+                if time.monotonic() > deadline:
+                    raise
+        client = LesionLocatorClient(url)
+        out["server_device"] = client.capabilities["device"]
+
+        # -- upload --------------------------------------------------------------------
+        uploads = {}
+        for name, uv in upload_vols.items():
+            client.set_image(Volume(np.zeros((2, 2, 2), np.int16)))  # make sure the next one is not current
+            t = time.perf_counter()
+            client.set_image(uv)
+            first = time.perf_counter() - t
+            sent = client.last_request_bytes
+            t = time.perf_counter()
+            client.set_image(uv)
+            again = time.perf_counter() - t
+            uploads[name] = {"shape": list(uv.shape), "raw_mb": uv.array.nbytes / 1e6, "upload_s": first,
+                             "sent_mb": sent / 1e6, "ratio": uv.array.nbytes / max(sent, 1),
+                             "reupload_skipped_s": again, "reupload_sent_bytes": client.last_request_bytes}
+        out["uploads"] = uploads
+
+        # -- clicks: alternate in-process and server -------------------------------------
+        t = time.perf_counter()
+        seg.set_image(vol)
+        out["inprocess_set_image_s"] = time.perf_counter() - t
+        t = time.perf_counter()
+        client.set_image(vol)
+        out["server_set_image_s"] = time.perf_counter() - t
+        rng = np.random.default_rng(1)
+        pts = [tuple(int(c + d) for c, d in zip(center, rng.integers(-3, 4, 3))) for _ in range(clicks + 2)]
+        local_t, remote_t, diffs, sent_b, recv_b, server_ms, same = [], [], [], [], [], [], 0
+        for i, p in enumerate(pts):
+            order = (0, 1) if i % 2 == 0 else (1, 0)
+            times = {}
+            for which in order:
+                t = time.perf_counter()
+                if which == 0:
+                    loc = seg.segment(points={1: p})
+                else:
+                    rem = client.segment(points={1: p})
+                times[which] = time.perf_counter() - t
+            if i < 2:
+                continue  # first clicks pay for per-image grids and caches on both sides
+            local_t.append(times[0])
+            remote_t.append(times[1])
+            diffs.append(times[1] - times[0])
+            sent_b.append(client.last_request_bytes)
+            recv_b.append(client.last_response_bytes)
+            server_ms.append(client.last_server_ms or 0.0)
+            same += int(np.array_equal(loc.lesions[1].full(vol.shape), rem.lesions[1].full(vol.shape)))
+        out.update(
+            clicks=len(local_t),
+            inprocess_ms_median=1000 * statistics.median(local_t), inprocess_ms_p90=1000 * pct(local_t, 90),
+            server_ms_median=1000 * statistics.median(remote_t), server_ms_p90=1000 * pct(remote_t, 90),
+            overhead_ms_median=1000 * statistics.median(diffs), overhead_ms_p90=1000 * pct(diffs, 90),
+            transport_ms_median=statistics.median(1000 * r - s for r, s in zip(remote_t, server_ms)),
+            ratio=statistics.median(remote_t) / statistics.median(local_t),
+            sent_bytes_median=statistics.median(sent_b), recv_bytes_median=statistics.median(recv_b),
+            lesion_voxels=int(rem.lesions[1].voxels), lesion_bbox=list(rem.lesions[1].bbox),
+            identical_masks=f"{same}/{len(local_t)}",
+        )
+        client.close()
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
+        log.seek(0)
+        tail = log.read()[-2000:]
+        log.close()
+        os.unlink(log.name)
+        if "inprocess_ms_median" not in out:
+            print("server log:\n" + tail, file=sys.stderr)
+    return out
+
+
+def report(r: dict) -> None:
+    print(f"\n== device {r['device']} (server on {r.get('server_device')}) ==")
+    for name, u in r["uploads"].items():
+        ok = "OK" if u["upload_s"] < 1.0 else "MISS"
+        print(f"upload {name} {u['shape']} int16 {u['raw_mb']:.0f} MB: {u['upload_s']:.3f} s "
+              f"({u['sent_mb']:.1f} MB sent, {u['ratio']:.2f}x smaller, {u['raw_mb'] / u['upload_s']:.0f} MB/s raw) "
+              f"[target < 1 s: {ok}]; re-upload skipped in {1000 * u['reupload_skipped_s']:.1f} ms "
+              f"({u['reupload_sent_bytes']} B sent)")
+    print(f"set_image (already uploaded): in-process {1000 * r['inprocess_set_image_s']:.1f} ms, "
+          f"server {1000 * r['server_set_image_s']:.1f} ms (hash + reuse request)")
+    print(f"per click over {r['clicks']} clicks (median / p90):")
+    print(f"  in-process       {r['inprocess_ms_median']:8.1f} / {r['inprocess_ms_p90']:8.1f} ms")
+    print(f"  server loopback  {r['server_ms_median']:8.1f} / {r['server_ms_p90']:8.1f} ms   "
+          f"ratio {r['ratio']:.3f}")
+    ok = "OK" if r["overhead_ms_median"] < 15 else "MISS"
+    print(f"  added by server  {r['overhead_ms_median']:8.1f} / {r['overhead_ms_p90']:8.1f} ms (paired) "
+          f"[target < 15 ms: {ok}]; transport+codec outside the model job {r['transport_ms_median']:.1f} ms")
+    ok = "OK" if r["sent_bytes_median"] < 4096 else "MISS"
+    print(f"  bytes per click  sent {r['sent_bytes_median']:.0f} B [target < 4 KB: {ok}], received "
+          f"{r['recv_bytes_median']:.0f} B for a lesion of {r['lesion_voxels']} voxels in bbox {r['lesion_bbox']}")
+    print(f"  masks identical to in-process: {r['identical_masks']}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--devices", default="auto", help="comma list of cpu/cuda, or auto (cpu, plus cuda if present)")
+    ap.add_argument("--model", help="checkpoint (zip / folder); default: random weights, --arch architecture")
+    ap.add_argument("--arch", choices=sorted(ARCHS), help="architecture without --model (default per device)")
+    ap.add_argument("--clicks", type=int, default=20)
+    ap.add_argument("--image", default="auto", help="auto (LIDC-IDRI-0314 when present), synthetic, or a path")
+    ap.add_argument("--json", help="write the figures to this JSON file")
+    args = ap.parse_args(argv)
+
+    import torch
+
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else []) if args.devices == "auto" \
+        else args.devices.split(",")
+    t = time.perf_counter()
+    synth, synth_center = synthetic_ct()
+    print(f"synthetic CT {synth.shape} made in {time.perf_counter() - t:.1f} s")
+    upload_vols = {"synthetic": synth}
+    if args.image == "synthetic" or (args.image == "auto" and not LIDC.exists()):
+        vol, center, name = synth, synth_center, "synthetic"
+    else:
+        from LesionLocatorLib.image_io import read_image
+
+        path = LIDC if args.image == "auto" else Path(args.image)
+        vol, name = read_image(path), path.name
+        center = LIDC_NODULE if path == LIDC else tuple(s // 2 for s in vol.shape)
+        upload_vols[name] = vol
+    print(f"click image: {name} {vol.shape} {vol.array.dtype}, clicks around {center}")
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for dev in devices:
+            arch = args.arch or ("resenc-l" if dev.startswith("cuda") else "small")
+            ckpt = Path(args.model) if args.model else tiny_checkpoint(arch, Path(tmp))
+            print(f"\n[{dev}] model: {args.model or f'{arch} (random weights)'}", flush=True)
+            r = bench_device(dev, ckpt, vol, center, args.clicks, upload_vols)
+            r["model"] = args.model or arch
+            report(r)
+            results.append(r)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
