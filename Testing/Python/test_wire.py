@@ -195,7 +195,7 @@ def test_two_level_hash_over_several_blocks():
     from LesionLocatorLib.wire import HASH_CHUNK_BYTES
 
     rng = np.random.default_rng(5)
-    vol = Volume(rng.integers(-1000, 1000, size=(9, 300, 1000), dtype=np.int16))  # 5.4 MB... x2 bytes
+    vol = Volume(rng.integers(-1000, 1000, size=(19, 300, 1000), dtype=np.int16))  # 11.4 MB: two blocks
     assert vol.array.nbytes > HASH_CHUNK_BYTES
     h1 = content_hash(vol, threads=1)
     assert content_hash(vol, threads=4) == h1
@@ -203,5 +203,5 @@ def test_two_level_hash_over_several_blocks():
     out, digest = decode_volume(data)
     assert digest == h1
     np.testing.assert_array_equal(out.array, vol.array)
-    vol.array[8, 299, 999] += 1  # the very last voxel is covered by the hash
+    vol.array[18, 299, 999] += 1  # the very last voxel is covered by the hash
     assert content_hash(vol) != h1
