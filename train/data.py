@@ -80,6 +80,7 @@ class Case:
     labels: np.ndarray  # int16 instance ids
     lesions: list[int] = field(default_factory=list)
     lesion_boxes: dict[int, tuple[int, ...]] = field(default_factory=dict)  # half-open (z0,z1,y0,y1,x0,x1)
+    lesion_voxels: dict[int, int] = field(default_factory=dict)  # size on the model grid
 
 
 def _lesion_boxes(labels: np.ndarray) -> dict[int, tuple[int, ...]]:
@@ -123,7 +124,9 @@ def load_cached(directory: Path, stem: str) -> Case:
     img = np.load(directory / f"{stem}_image.npy", mmap_mode="r")
     seg = np.load(directory / f"{stem}_labels.npy", mmap_mode="r")
     boxes = {int(k): tuple(v) for k, v in meta["lesion_boxes"].items()}
-    return Case(meta["name"], meta["dataset"], img, seg, sorted(boxes), boxes)
+    counts = np.bincount(np.asarray(seg).ravel().clip(0)) if boxes else np.zeros(1, int)
+    voxels = {k: int(counts[k]) if k < len(counts) else 0 for k in boxes}
+    return Case(meta["name"], meta["dataset"], img, seg, sorted(boxes), boxes, voxels)
 
 
 def read_case_list(path: str | os.PathLike) -> list[dict]:
@@ -215,7 +218,10 @@ class CaseSampler:
     """Draws (case, lesion id): a dataset (weights per dataset: 'sqrt' = 1/sqrt(size), or 'uniform' over
     images), an image of it, then one lesion instance uniformly."""
 
-    def __init__(self, cases: Sequence[Case], weighting: str = "uniform", require_lesions: bool = True):
+    def __init__(self, cases: Sequence[Case], weighting: str = "uniform", require_lesions: bool = True,
+                 min_lesion_voxels: int = 0):
+        if min_lesion_voxels > 0:  # lesions smaller than this (on the model grid) are not drawn
+            cases = [filter_lesions(c, min_lesion_voxels) for c in cases]
         self.cases = [c for c in cases if c.lesions or not require_lesions]
         if not self.cases:
             raise TrainDataError("no training case has a lesion")
@@ -232,12 +238,22 @@ class CaseSampler:
             raise TrainDataError(f"unknown dataset weighting {weighting!r} (use 'sqrt' or 'uniform')")
         self.probs = np.array([probs[k] for k in self.names])
 
+    @property
+    def n_lesions(self) -> int:
+        return sum(len(c.lesions) for c in self.cases)
+
     def draw(self, rng: np.random.Generator) -> tuple[Case, int | None]:
         ds = self.names[int(rng.choice(len(self.names), p=self.probs))]
         pool = self.by_ds[ds]
         case = pool[int(rng.integers(len(pool)))]
         lesion = int(case.lesions[int(rng.integers(len(case.lesions)))]) if case.lesions else None
         return case, lesion
+
+
+def filter_lesions(case: Case, min_voxels: int) -> Case:
+    """The same case with only lesions of at least ``min_voxels`` voxels listed for sampling."""
+    keep = [l for l in case.lesions if case.lesion_voxels.get(l, min_voxels) >= min_voxels]
+    return Case(case.name, case.dataset, case.image, case.labels, keep, case.lesion_boxes, case.lesion_voxels)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -77,6 +77,18 @@ def all_reduce_sum(values: list[float], info: DistInfo) -> list[float]:
     return t.tolist()
 
 
+def average_gradients(model: torch.nn.Module, info: DistInfo) -> None:
+    """All-reduce (mean) every gradient: DDP's effect for models whose parts are called separately."""
+    if not info.is_ddp:
+        return
+    for p in model.parameters():
+        if p.requires_grad:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
+            p.grad /= info.world_size
+
+
 def barrier(info: DistInfo) -> None:
     if info.is_ddp:
         dist.barrier()

@@ -47,6 +47,10 @@ PATCH = (32, 48, 48)
 SPACING = (2.5, 1.5, 1.5)
 FEATURES = (8, 16, 32, 64, 64)
 BLOCKS = (1, 1, 2, 2, 2)
+# Phantom lesions are 5-30 mm; the zoom augmentation (reading patch x s voxels, s < 1 magnifies) shows them at
+# up to ~2x their size, and lesions below MIN_LESION_VOXELS (smaller than the 11-voxel prompt ball) are skipped.
+SCALE_RANGE = (0.45, 1.1)
+MIN_LESION_VOXELS = 150
 
 
 def default_plans() -> dict:
@@ -84,7 +88,8 @@ def train(work: Path, data_root: Path, epochs: int, iters: int, phantoms: int, s
     val_cases = D.phantom_cases(4, config, cache, seed=seed + 100003, dataset="phantom_val")
     cfg = SegmentConfig(output=work / "model", plans=plans, prompt="mixed", epochs=epochs, iters_per_epoch=iters,
                         val_samples=8, batch_size=batch_size, lr=1e-2, seed=seed, device="cpu", max_offset=0.15,
-                        scale_range=(0.7, 1.3), augment_prob=0.25, weighting="uniform", fp16_weights=True)
+                        scale_range=SCALE_RANGE, augment_prob=0.25, weighting="uniform",
+                        min_lesion_voxels=MIN_LESION_VOXELS, fp16_weights=True)
     trainer = SegmentTrainer(cfg, train_cases, val_cases)
     if resume and trainer.try_resume():
         print(f"resumed at epoch {trainer.start_epoch}", flush=True)
@@ -197,10 +202,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="folder with cases.json (real CTs)")
     parser.add_argument("--output", type=Path, default=PACKAGE_DIR, help="package folder to write")
     parser.add_argument("--stage", choices=("all", "train", "export", "evaluate"), default="all")
-    parser.add_argument("--epochs", type=int, default=20)
-    parser.add_argument("--iters", type=int, default=25)
+    parser.add_argument("--epochs", type=int, default=30)
+    parser.add_argument("--iters", type=int, default=40)
     parser.add_argument("--batch-size", type=int, default=2)
-    parser.add_argument("--phantoms", type=int, default=20)
+    parser.add_argument("--phantoms", type=int, default=30)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--resume", action="store_true")

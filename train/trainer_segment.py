@@ -157,6 +157,7 @@ class SegmentConfig:
     scale_range: tuple[float, float] = (1.0, 1.0)
     augment_prob: float = 0.0
     weighting: str = "uniform"
+    min_lesion_voxels: int = 0
     grad_clip: float = 12.0
     fp16_weights: bool = False  # store checkpoint_final weights as float16 (small bundled models)
     mirror_axes: tuple[int, ...] = (0, 1, 2)
@@ -169,6 +170,7 @@ class BaseTrainer:
     DDP, JSON-lines log, PNG plot, checkpoint_latest (resume) / checkpoint_final (published layout)."""
 
     log_keys: tuple[str, ...] = ("train_loss", "val_loss")
+    wrap_ddp = True  # False: the subclass averages gradients itself (distributed.average_gradients)
 
     def __init__(self, cfg: Any, info: DistInfo | None = None):
         self.cfg = cfg
@@ -248,7 +250,7 @@ class BaseTrainer:
     def run(self) -> Path | None:
         """Train from ``start_epoch`` to ``cfg.epochs``; returns the final checkpoint path (rank 0)."""
         cfg, info = self.cfg, self.info
-        self.ddp_model = wrap_model(self.model, info)
+        self.ddp_model = wrap_model(self.model, info) if self.wrap_ddp else self.model
         log_path = self.fold_dir / LOG_NAME
         if info.is_main:
             self.fold_dir.mkdir(parents=True, exist_ok=True)
@@ -312,7 +314,7 @@ class SegmentTrainer(BaseTrainer):
         super().__init__(cfg, info)
         strides = self.config.arch_kwargs["strides"]
         self.loss, self.ds_scales = build_segmentation_loss(strides, ddp=self.info.is_ddp)
-        self.sampler = D.CaseSampler(train_cases, cfg.weighting)
+        self.sampler = D.CaseSampler(train_cases, cfg.weighting, min_lesion_voxels=cfg.min_lesion_voxels)
         self.val_samples = self._fixed_val_samples(val_cases)
         if cfg.init:
             info_init = init_from_pretrained(self.model, cfg.init)
@@ -328,6 +330,7 @@ class SegmentTrainer(BaseTrainer):
     def _fixed_val_samples(self, cases: Sequence[D.Case]) -> list[D.Sample]:
         """A fixed validation set: every lesion once (or ``val_samples`` draws), prompts from a fixed seed,
         patch centred as at inference (no offset, no augmentation)."""
+        cases = [D.filter_lesions(c, self.cfg.min_lesion_voxels) for c in cases]
         cases = [c for c in cases if c.lesions]
         if not cases or self.cfg.val_samples <= 0:
             return []
@@ -448,6 +451,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="probability of the batchgeneratorsv2 augmentation per sample")
     parser.add_argument("--weighting", choices=("uniform", "sqrt"), default="uniform",
                         help="dataset weights: uniform over images, or 1/sqrt(dataset size)")
+    parser.add_argument("--min-lesion-voxels", type=int, default=0,
+                        help="do not sample lesions smaller than this on the model grid")
     parser.add_argument("--fp16-weights", action="store_true", help="store final weights as float16")
 
 
@@ -493,6 +498,7 @@ def run(args: argparse.Namespace) -> int:
                             lr=args.lr, seed=args.seed, init=args.init, device=str(info.device),
                             max_offset=args.max_offset, scale_range=tuple(args.scale),
                             augment_prob=args.augment_prob, weighting=args.weighting,
+                            min_lesion_voxels=args.min_lesion_voxels,
                             fp16_weights=args.fp16_weights)
         config = config_from_dicts(plans, make_dataset_json())
         cache = args.cache or (Path(args.output) / "preprocessed")
