@@ -16,9 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
-from LesionLocatorLib.checkpoint import write_checkpoint
 from LesionLocatorLib.client import (
     AuthenticationError,
     LesionLocatorClient,
@@ -34,10 +32,9 @@ from LesionLocatorLib.client import (
     wait_for_server,
 )
 from LesionLocatorLib.geometry import Volume
-from LesionLocatorLib.network import build_network
-from LesionLocatorLib.plans import config_from_dicts, make_dataset_json, make_plans
 from LesionLocatorLib.prompts import Box, Point
 from LesionLocatorLib.segmenter import LesionSegmenter
+from LesionLocatorLib.tiny_model import write_random_checkpoint
 
 REPO = Path(__file__).resolve().parents[2]
 TOKEN = "client-test-token-0123456789"
@@ -51,12 +48,10 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
-    torch.manual_seed(1)
-    plans = make_plans(patch_size=(32, 32, 32), spacing=(1.0, 1.0, 1.0), features_per_stage=(2, 4, 8))
-    ds = make_dataset_json()
-    d = tmp_path_factory.mktemp("ckpt") / "tiny_model"
-    write_checkpoint(d, plans, ds, 0, build_network(config_from_dicts(plans, ds), 2).state_dict())
-    return d
+    """A tiny random-weight package in the published layout (LesionLocatorCheckpoint/LesionLocatorSeg/
+    {point,bbox}_optimized): patch 32^3, features (2, 4, 8), fold 0; heads balanced so masks respond to prompts."""
+    return write_random_checkpoint(tmp_path_factory.mktemp("ckpt"), patch_size=(32, 32, 32), spacing=(1.0, 1.0, 1.0),
+                                   features_per_stage=(2, 4, 8), n_blocks_per_stage=(1, 1, 1), seed=1)
 
 
 def ct(shape=(30, 40, 36), seed=0) -> Volume:

@@ -18,11 +18,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import requests
-import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from LesionLocatorLib.checkpoint import write_checkpoint
 from LesionLocatorLib.client import (
     AuthenticationError,
     LesionLocatorClient,
@@ -31,9 +29,8 @@ from LesionLocatorLib.client import (
     wait_for_server,
 )
 from LesionLocatorLib.geometry import Volume
-from LesionLocatorLib.network import build_network
-from LesionLocatorLib.plans import config_from_dicts, make_dataset_json, make_plans
 from LesionLocatorLib.segmenter import LesionSegmenter
+from LesionLocatorLib.tiny_model import write_random_checkpoint
 from LesionLocatorLib.server import (
     ServerConfig,
     ServerConfigError,
@@ -61,14 +58,10 @@ TOKEN_B = "token-B-0123456789abcdef"
 # fixtures
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
-    """A tiny model in the published layout: patch 32^3, features (2, 4, 8), 1 mm spacing, fold 0."""
-    torch.manual_seed(0)
-    plans = make_plans(patch_size=(32, 32, 32), spacing=(1.0, 1.0, 1.0), features_per_stage=(2, 4, 8))
-    ds = make_dataset_json()
-    net = build_network(config_from_dicts(plans, ds), 2)
-    d = tmp_path_factory.mktemp("ckpt") / "tiny_model"
-    write_checkpoint(d, plans, ds, 0, net.state_dict())
-    return d
+    """A tiny random-weight package in the published layout (LesionLocatorCheckpoint/LesionLocatorSeg/
+    {point,bbox}_optimized): patch 32^3, features (2, 4, 8), fold 0; heads balanced so masks respond to prompts."""
+    return write_random_checkpoint(tmp_path_factory.mktemp("ckpt"), patch_size=(32, 32, 32), spacing=(1.0, 1.0, 1.0),
+                                   features_per_stage=(2, 4, 8), n_blocks_per_stage=(1, 1, 1), seed=0)
 
 
 @pytest.fixture(scope="module")
@@ -201,6 +194,7 @@ def test_version_capabilities_and_openapi(srv):
     assert info["protocol"] == 1 and info["server"] == "lesionlocator"
     assert set(info["prompt_types"]) == {"point", "box", "mask"}
     assert info["device"] == "cpu" and "cpu" in info["devices"]
+    assert info["models"]["point"].startswith("point_optimized@") and info["models"]["box"].startswith("bbox_optimized@")
     assert info["auth"] is True and info["max_upload_bytes"] == 2**20
     spec = raw(srv, "GET", "/openapi.json").json()
     paths = spec["paths"]
@@ -224,11 +218,16 @@ def test_round_trip_equals_in_process(srv, reference):
         assert c.uploads == 1
         clicks = [dict(points={1: (18, 22, 20)}), dict(points={1: (17.4, 20.6, 19)}),
                   dict(boxes={2: (10, 26, 12, 30, 10, 28)}), dict(points={3: (5, 5, 5)}, boxes={4: (0, 8, 30, 44, 0, 9)})]
+        masks = []
         for click in clicks:
             remote = c.segment(**click)
             local = reference.segment(**click)
             assert_same(remote, local)
             assert c.last_request_bytes < 4096, "a click must send < 4 KB"
+            masks.append({k: v.full(vol.shape) for k, v in remote.lesions.items()})
+        # the comparison means something: masks are neither empty nor the whole image, and follow the click
+        assert all(0 < m.sum() < m.size / 2 for m in masks[0].values())
+        assert not np.array_equal(masks[0][1], masks[1][1])
         # the pasted state is the union of all answers, like merging the in-process results
         assert sorted(c.lesions) == [1, 2, 3, 4]
         assert any(not les.empty for les in c.lesions.values())
