@@ -251,6 +251,8 @@ class LesionLocatorClient:
         boxes: Mapping[int, Sequence[float]] | None = None,
         masks: Mapping[int, np.ndarray | LesionMask] | None = None,
         space: str = "voxel",
+        return_probabilities: bool = False,
+        progress: Any = None,
     ) -> SegmentationResult:
         """Segment lesions from prompts on the current image (same arguments as LesionSegmenter.segment).
 
@@ -260,12 +262,20 @@ class LesionLocatorClient:
         """
         self._ensure_session_image()
         prompts = build_prompts(points, boxes, masks, space)
-        body = {"prompts": prompts, "image": self.image_hash}
+        body: dict[str, Any] = {"prompts": prompts, "image": self.image_hash}
+        if return_probabilities:
+            body["probabilities"] = True
+        if progress:
+            progress(0.0, f"{len(prompts)} lesion(s) on {self.url}")
         data = self._with_session(lambda sid: self._request(
             "POST", f"{API}/sessions/{sid}/segment", json=body, expect="masks"))
-        return self._paste(data)
+        result = self._paste(data)
+        if progress:
+            progress(1.0, "done")
+        return result
 
-    def segment_prompts(self, prompts: Mapping[int, Any]) -> SegmentationResult:
+    def segment_prompts(self, prompts: Mapping[int, Any], return_probabilities: bool = False,
+                        progress: Any = None) -> SegmentationResult:
         """Library prompt objects (prompts.Point / Box / Mask) in input voxels."""
         from .prompts import Box, Mask, Point
 
@@ -274,7 +284,8 @@ class LesionLocatorClient:
         msk = {k: p.mask for k, p in prompts.items() if isinstance(p, Mask)}
         if len(pts) + len(bxs) + len(msk) != len(prompts):
             raise TypeError("prompts must be prompts.Point, prompts.Box or prompts.Mask")
-        return self.segment(points=pts or None, boxes=bxs or None, masks=msk or None)
+        return self.segment(points=pts or None, boxes=bxs or None, masks=msk or None,
+                            return_probabilities=return_probabilities, progress=progress)
 
     def undo(self) -> SegmentationResult:
         """Revert the last result; returns the lesions it changed (status 'removed' for lesions that vanish)."""

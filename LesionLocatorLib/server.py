@@ -180,6 +180,8 @@ class SegmentRequest(BaseModel):
     prompts: dict[LesionId, PromptSpec] = Field(min_length=1, max_length=MAX_LESIONS_PER_REQUEST)
     image: Optional[str] = Field(default=None, pattern=HASH_PATTERN,
                                  description="content hash of a session image; default: the last uploaded")
+    probabilities: bool = Field(default=False, strict=True,
+                                description="also return float32 foreground probabilities on each lesion's box")
 
 
 class TrackRequest(BaseModel):
@@ -363,7 +365,8 @@ class ModelService:
         for h in [h for h in self._views if h not in live]:
             del self._views[h]
 
-    def segment(self, image_hash: str, volume: Volume, prompts: dict[int, Any]) -> SegmentationResult:
+    def segment(self, image_hash: str, volume: Volume, prompts: dict[int, Any], probabilities: bool = False
+                ) -> SegmentationResult:
         from .prompts import Box, Point
 
         for lid, p in prompts.items():
@@ -372,7 +375,7 @@ class ModelService:
                 raise ApiError(422, "model_not_loaded",
                                f"lesion {lid}: {kind} prompts need the {kind} model, which this server does not "
                                f"have ({self.load_errors.get(kind, 'not in the checkpoint')})")
-        return self.view(image_hash, volume).segment_prompts(prompts)
+        return self.view(image_hash, volume).segment_prompts(prompts, return_probabilities=probabilities)
 
     def track(self, baseline: tuple[str, Volume], followups: list[tuple[str, Volume]],
               prompts: dict[int, Any]) -> list[SegmentationResult]:
@@ -715,13 +718,14 @@ def create_app(cfg: ServerConfig, service: ModelService | None = None) -> Any:
 
         def job() -> bytes:
             state.service.prune(state.store.live_images() | {image_hash})
-            result = state.service.segment(image_hash, volume, prompts)
-            new = {lid: _shrunk(les) for lid, les in result.lesions.items()}
+            result = state.service.segment(image_hash, volume, prompts, body.probabilities)
+            new = {lid: _shrunk(les) for lid, les in result.lesions.items()}  # what the session keeps
             previous = state.store.record(s, image_hash, new)
             s.requests += 1
             changed = {lid: {"changed_bbox": _union_bbox(previous[lid].bbox if previous.get(lid) else None,
                                                          new[lid].bbox)} for lid in new}
-            return encode_masks(new.values(), shape=volume.shape, per_lesion=changed,
+            reply = result.lesions.values() if body.probabilities else new.values()
+            return encode_masks(reply, shape=volume.shape, per_lesion=changed,
                                 extra={"image": image_hash, "history": len(s.history),
                                        "elapsed_ms": round((time.perf_counter() - t0) * 1000, 3)})
 

@@ -411,6 +411,13 @@ def encode_masks(
             entry.update(per_lesion[les.lesion_id])
         entries.append(entry)
         blobs.append(packed)
+        if les.probability is not None:
+            # probabilities only travel when asked for: exact float32, right after the lesion's mask bits
+            prob = np.ascontiguousarray(les.probability, dtype="<f4")
+            if prob.shape != m.shape:
+                raise WireError(f"lesion {les.lesion_id}: probability shape {prob.shape} does not match its mask")
+            entry["prob_nbytes"] = prob.nbytes
+            blobs.append(prob.tobytes())
     raw = b"".join(blobs)
     header = {"kind": "masks", "protocol": PROTOCOL_VERSION, "shape": None if shape is None else list(shape),
               "lesions": entries, "raw_nbytes": len(raw)}
@@ -462,9 +469,16 @@ def decode_masks(data: bytes, max_raw_bytes: int = 1 << 31) -> MaskBundle:
             raise WireError(f"lesion {e['id']}: packed size does not match its bbox {list(b)}")
         bits = np.unpackbits(np.frombuffer(raw, np.uint8, count=nbytes, offset=pos), count=n, bitorder="big")
         pos += nbytes
+        prob = None
+        if "prob_nbytes" in e:
+            if e["prob_nbytes"] != 4 * n or pos + 4 * n > len(raw):
+                raise WireError(f"lesion {e['id']}: probability size does not match its bbox {list(b)}")
+            prob = np.frombuffer(raw, "<f4", count=n, offset=pos).astype(np.float32).reshape(crop)
+            pos += 4 * n
         cv = e.get("center_voxel")
         lesions[e["id"]] = LesionMask(
             lesion_id=e["id"], bbox=b, mask=bits.view(np.bool_).reshape(crop),  # type: ignore[arg-type]
+            probability=prob,
             status=str(e.get("status", "found")),
             center_voxel=None if cv is None else tuple(float(c) for c in cv),  # type: ignore[arg-type]
         )

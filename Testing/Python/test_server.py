@@ -231,6 +231,12 @@ def test_round_trip_equals_in_process(srv, reference):
         # the pasted state is the union of all answers, like merging the in-process results
         assert sorted(c.lesions) == [1, 2, 3, 4]
         assert any(not les.empty for les in c.lesions.values())
+        # probabilities on request: exact float32 on the lesion's box, as in-process
+        remote = c.segment(points={1: (18, 22, 20)}, return_probabilities=True)
+        local = reference.segment(points={1: (18, 22, 20)}, return_probabilities=True)
+        assert remote.lesions[1].bbox == local.lesions[1].bbox
+        np.testing.assert_array_equal(remote.lesions[1].probability, local.lesions[1].probability)
+        np.testing.assert_array_equal(remote.label_map(), local.label_map())
         # world-coordinate prompts, converted on the server with the uploaded geometry
         lps = vol.voxel_to_world((18, 22, 20))
         assert_same(c.segment(points={5: lps}, space="lps"), reference.segment(points={5: lps}, space="lps"))
@@ -250,11 +256,11 @@ def test_round_trip_equals_in_process(srv, reference):
         np.testing.assert_array_equal(c.lesions[1].full(vol.shape),
                                       reference.segment(points={1: (20, 22, 20)}).lesions[1].full(vol.shape))
 
-        # undo twice: lesion 1 goes back to the click before, then the mask lesion 7 disappears
+        # undo twice: lesion 1 goes back to its previous click (18, 22, 20), then the mask lesion 7 disappears
         u = c.undo()
         assert list(u.lesions) == [1]
         np.testing.assert_array_equal(c.lesions[1].full(vol.shape),
-                                      reference.segment(points={1: (17.4, 20.6, 19)}).lesions[1].full(vol.shape))
+                                      reference.segment(points={1: (18, 22, 20)}).lesions[1].full(vol.shape))
         u = c.undo()
         assert u.lesions[7].status == "removed" and 7 not in c.lesions
         # the server's state and the client's pasted state agree

@@ -205,3 +205,17 @@ def test_two_level_hash_over_several_blocks():
     np.testing.assert_array_equal(out.array, vol.array)
     vol.array[18, 299, 999] += 1  # the very last voxel is covered by the hash
     assert content_hash(vol) != h1
+
+
+def test_mask_bundle_with_probabilities():
+    shape = (20, 30, 40)
+    les = _lesion(2, shape, 3)
+    les.probability = np.random.default_rng(0).random(les.mask.shape).astype(np.float32)
+    out = decode_masks(encode_masks([les, _lesion(5, shape, 4)], shape=shape))
+    np.testing.assert_array_equal(out.lesions[2].probability, les.probability)
+    assert out.lesions[5].probability is None
+    np.testing.assert_array_equal(out.lesions[5].full(shape), _lesion(5, shape, 4).full(shape))
+    with pytest.raises(WireError, match="probability shape"):
+        bad = _lesion(2, shape, 3)
+        bad.probability = np.zeros((1, 1, 1), np.float32)
+        encode_masks([bad], shape=shape)
