@@ -87,7 +87,10 @@ class ServerConfig:
     max_cache_mb: float = 8192.0
     session_ttl_s: float = 3600.0
     max_queue: int = 64
+    max_json_mb: float = 64.0  # JSON requests (prompts, masks as packed crops) are small; uploads have their own cap
     warmup: bool = True
+    tls_cert: Optional[str] = None
+    tls_key: Optional[str] = None
 
     @property
     def max_upload_bytes(self) -> int:
@@ -117,6 +120,11 @@ def read_token_file(path: str | os.PathLike) -> tuple[str, ...]:
     tokens = tuple(t.strip() for t in lines if t.strip() and not t.strip().startswith("#"))
     if not tokens:
         raise ServerConfigError(f"token file {p} holds no token")
+    try:
+        if os.name == "posix" and p.stat().st_mode & 0o077:
+            log.warning("token file %s is readable by other users; restrict it with chmod 600", p)
+    except OSError:
+        pass
     return tokens
 
 
@@ -130,6 +138,11 @@ def check_config(cfg: ServerConfig) -> None:
         if len(t) < 16 or any(c.isspace() for c in t):
             raise ServerConfigError("tokens must be at least 16 characters without whitespace "
                                     "(e.g. python -c 'import secrets; print(secrets.token_urlsafe(32))')")
+    if bool(cfg.tls_cert) != bool(cfg.tls_key):
+        raise ServerConfigError("--tls-cert and --tls-key go together")
+    for f in (cfg.tls_cert, cfg.tls_key):
+        if f and not Path(f).is_file():
+            raise ServerConfigError(f"TLS file not found: {f}")
     if cfg.max_sessions < 1 or cfg.max_upload_mb <= 0 or cfg.max_cache_mb <= 0 or cfg.session_ttl_s <= 0:
         raise ServerConfigError("--max-sessions, --max-upload-mb, --max-cache-mb and --session-ttl must be positive")
 
@@ -404,10 +417,12 @@ class GuardMiddleware:
     enforces the same cap while reading.
     """
 
-    def __init__(self, app: Any, tokens: tuple[str, ...], max_body: int, stream_paths_suffix: str = "/image"):
+    def __init__(self, app: Any, tokens: tuple[str, ...], max_body: int, max_json: int,
+                 stream_paths_suffix: str = "/image"):
         self.app = app
         self.tokens = [t.encode() for t in tokens]
         self.max_body = max_body
+        self.max_json = min(max_json, max_body)
         self.stream_suffix = stream_paths_suffix
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
@@ -441,6 +456,10 @@ class GuardMiddleware:
                                                 f"{self.max_body} bytes"})
         if scope["method"] in ("PUT",) and scope["path"].endswith(self.stream_suffix):
             return await self.app(scope, receive, send)
+        if length > self.max_json:
+            return await _send_json(send, 413, {"error": "payload_too_large", "message":
+                                                f"request body of {length} bytes exceeds the limit of "
+                                                f"{self.max_json} bytes for JSON requests"})
         # buffer small bodies, refusing to read past the cap even without a Content-Length.
         body = bytearray()
         more = True
@@ -450,9 +469,9 @@ class GuardMiddleware:
                 return
             body += msg.get("body", b"")
             more = msg.get("more_body", False)
-            if len(body) > self.max_body:
+            if len(body) > self.max_json:
                 return await _send_json(send, 413, {"error": "payload_too_large", "message":
-                                                    f"request body exceeds the limit of {self.max_body} bytes"})
+                                                    f"request body exceeds the limit of {self.max_json} bytes"})
         sent = False
 
         async def replay() -> dict:
@@ -804,7 +823,7 @@ def create_app(cfg: ServerConfig, service: ModelService | None = None) -> Any:
 
         return Response(await on_worker(job), media_type=BUNDLES_MEDIA_TYPE)
 
-    wrapped = GuardMiddleware(app, cfg.tokens, max_body=cfg.max_upload_bytes)
+    wrapped = GuardMiddleware(app, cfg.tokens, max_body=cfg.max_upload_bytes, max_json=int(cfg.max_json_mb * 2**20))
     wrapped.state = state  # type: ignore[attr-defined]
     wrapped.fastapi = app  # type: ignore[attr-defined]
     return wrapped
@@ -848,6 +867,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-cache-mb", type=float, default=8192.0,
                         help="memory for cached images of all sessions in MiB (default 8192)")
     parser.add_argument("--session-ttl", type=float, default=3600.0, help="idle seconds before a session expires")
+    parser.add_argument("--tls-cert", help="PEM certificate: serve HTTPS (tokens otherwise travel in clear text)")
+    parser.add_argument("--tls-key", help="PEM private key for --tls-cert")
     parser.add_argument("--no-warmup", action="store_true", help="skip the warm-up inference at start")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
@@ -871,7 +892,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         checkpoint=args.checkpoint, device=args.device, folds=_parse_folds(args.folds), tta=args.tta,
         host=args.host, port=args.port, tokens=tokens, max_sessions=args.max_sessions,
         max_upload_mb=args.max_upload_mb, max_cache_mb=args.max_cache_mb, session_ttl_s=args.session_ttl,
-        warmup=not args.no_warmup,
+        warmup=not args.no_warmup, tls_cert=getattr(args, "tls_cert", None), tls_key=getattr(args, "tls_key", None),
     )
 
 
@@ -886,8 +907,12 @@ def run(args: argparse.Namespace) -> int:
     except ServerConfigError as exc:
         print(f"lesionlocator serve: {exc}", file=sys.stderr)
         return 2
+    if not is_loopback(cfg.host) and not cfg.tls_cert:
+        log.warning("serving plain HTTP on %s: the bearer token and the images travel unencrypted; use "
+                    "--tls-cert/--tls-key, a TLS reverse proxy or an SSH tunnel on untrusted networks", cfg.host)
     server = uvicorn.Server(uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level=args.log_level,
-                                           access_log=args.log_level == "debug", lifespan="on"))
+                                           access_log=args.log_level == "debug", lifespan="on",
+                                           ssl_certfile=cfg.tls_cert, ssl_keyfile=cfg.tls_key))
     server.run()
     # uvicorn exits without raising when start-up fails (e.g. the checkpoint does not load).
     return 0 if server.started else 1

@@ -156,6 +156,11 @@ def test_public_address_needs_a_token(checkpoint, tmp_path):
         check_config(ServerConfig(checkpoint=str(checkpoint), host="0.0.0.0", tokens=("short",)))
     check_config(ServerConfig(checkpoint=str(checkpoint), host="0.0.0.0", tokens=(TOKEN_A,)))  # accepted
     check_config(ServerConfig(checkpoint=str(checkpoint), host="::1"))
+    with pytest.raises(ServerConfigError, match="go together"):
+        check_config(ServerConfig(checkpoint=str(checkpoint), tls_cert=str(tmp_path / "c.pem")))
+    with pytest.raises(ServerConfigError, match="not found"):
+        check_config(ServerConfig(checkpoint=str(checkpoint), tls_cert=str(tmp_path / "c.pem"),
+                                  tls_key=str(tmp_path / "k.pem")))
     parser = argparse.ArgumentParser()
     add_arguments(parser)
     # run() refuses before binding anything
@@ -409,6 +414,13 @@ def test_bad_requests(srv):
         r = post("segment", data=data, headers={"Content-Type": "application/json"})
         assert r.status_code == 422, (data, r.text)
         assert r.json()["message"]
+    # JSON bodies have their own cap (here the 1 MiB upload cap is lower): declared, and chunked
+    huge = b'{"prompts": {"1": {"point": [1, 1, 1]}}, "pad": "' + b"x" * (2**20 + 10) + b'"}'
+    r = post("segment", data=huge, headers={"Content-Type": "application/json"})
+    assert r.status_code == 413 and "exceeds the limit" in r.json()["message"]
+    r = post("segment", data=iter([huge[i:i + 65536] for i in range(0, len(huge), 65536)]),
+             headers={"Content-Type": "application/json"})
+    assert r.status_code == 413 and r.json()["error"] == "payload_too_large"
     r = raw(srv, "GET", "/v1/nowhere")
     assert r.status_code == 404 and r.json()["message"]
     r = raw(srv, "POST", "/v1/sessions/not-a-session/segment", json={"prompts": {"1": {"point": [1, 1, 1]}}})
