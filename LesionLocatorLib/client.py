@@ -430,6 +430,17 @@ def _head_bytes(req: Any) -> int:
 
 def _short(exc: BaseException) -> str:
     text = str(exc)
+    # urllib3 nests the cause deep inside "Max retries exceeded ..."; name the cause itself.
+    for needle, said in (("Connection refused", "connection refused"),
+                         ("Name or service not known", "unknown host name"),
+                         ("nodename nor servname", "unknown host name"),
+                         ("RemoteDisconnected", "the server closed the connection mid-request"),
+                         ("Connection reset", "the connection was reset mid-request"),
+                         ("Connection aborted", "the connection was aborted mid-request"),
+                         ("No route to host", "no route to host"),
+                         ("CERTIFICATE_VERIFY_FAILED", "TLS certificate not trusted")):
+        if needle in text:
+            return said
     return text if len(text) < 200 else text[:200] + "..."
 
 

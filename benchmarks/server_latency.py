@@ -133,6 +133,12 @@ def bench_device(device: str, ckpt: Path, vol: Volume, center: tuple[int, int, i
                     raise
         client = LesionLocatorClient(url)
         out["server_device"] = client.capabilities["device"]
+        rtt = []
+        for _ in range(30):  # the HTTP floor: an authenticated no-op request on the kept-alive connection
+            t = time.perf_counter()
+            client._request("GET", "/v1/health")
+            rtt.append(time.perf_counter() - t)
+        out["http_rtt_ms_median"] = 1000 * statistics.median(rtt)
 
         # -- upload --------------------------------------------------------------------
         uploads = {}
@@ -220,6 +226,7 @@ def report(r: dict) -> None:
               f"({u['reupload_sent_bytes']} B sent)")
     print(f"set_image (already uploaded): in-process {1000 * r['inprocess_set_image_s']:.1f} ms, "
           f"server {1000 * r['server_set_image_s']:.1f} ms (hash + reuse request)")
+    print(f"HTTP round trip of a no-op request (health): {r['http_rtt_ms_median']:.2f} ms median")
     print(f"per click over {r['clicks']} clicks (median / p90):")
     print(f"  in-process       {r['inprocess_ms_median']:8.1f} / {r['inprocess_ms_p90']:8.1f} ms")
     print(f"  server loopback  {r['server_ms_median']:8.1f} / {r['server_ms_p90']:8.1f} ms   "
