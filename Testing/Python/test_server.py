@@ -625,3 +625,26 @@ def test_fuzz_binary_and_other_endpoints(srv, fuzz_session, junk, cut, path):
         assert r.status_code != 200, r.text
         assert r.json()["message"]
     assert raw(srv, "GET", "/v1/health").status_code == 200
+
+
+def test_track_without_a_tracker_is_a_clear_501(srv):
+    """Until LesionLocatorLib.tracker exists the server says so (capabilities and a 501), never crashes."""
+    info = raw(srv, "GET", "/v1/version").json()
+    if info["tracking"]:
+        pytest.skip("this build has a tracker: covered by the tracking round trip")
+    assert "track" in info["unavailable"]
+    base, fu = ct(seed=40), ct(seed=41)
+    sid = raw_session(srv, TOKEN_A, "tracker", base)
+    raw(srv, "PUT", f"/v1/sessions/{sid}/image", TOKEN_A, "tracker", data=encode_volume(fu))
+    body = {"baseline": content_hash(base), "followups": [content_hash(fu)], "prompts": {"1": {"point": [5, 5, 5]}}}
+    r = raw(srv, "POST", f"/v1/sessions/{sid}/track", TOKEN_A, "tracker", json=body)
+    assert r.status_code == 501 and r.json()["error"] == "tracking_unavailable"
+    # malformed track requests are 4xx before anything reaches a model
+    for bad in [dict(body, followups=[]), dict(body, use_results=True), {k: v for k, v in body.items() if k != "prompts"},
+                dict(body, baseline="x")]:
+        assert raw(srv, "POST", f"/v1/sessions/{sid}/track", TOKEN_A, "tracker", json=bad).status_code == 422
+    with LesionLocatorClient(srv.url, token=TOKEN_A) as c:
+        from LesionLocatorLib.client import ProtocolMismatch
+
+        with pytest.raises(ProtocolMismatch, match="cannot track"):
+            c.track(base, [fu], points={1: (5, 5, 5)})
