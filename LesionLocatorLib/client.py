@@ -103,6 +103,7 @@ class LesionLocatorClient:
         check_version: bool = True,
         upload_threads: int | None = None,
         compression_level: int = 1,
+        verify: bool | str = True,
     ) -> None:
         import requests
 
@@ -113,6 +114,7 @@ class LesionLocatorClient:
         if token:
             self._http.headers["Authorization"] = f"Bearer {token}"
         self._http.trust_env = False  # never route loopback traffic through an HTTP proxy from the environment
+        self._http.verify = verify  # https: True, or a CA bundle path for a self-signed server certificate
         self.upload_threads = upload_threads or max(1, min(4, (_cpu_count() or 2) - 1))
         self.compression_level = compression_level
         self.session_id: str | None = None

@@ -64,6 +64,7 @@ log = logging.getLogger("lesionlocator.server")
 API = "/v1"
 CLIENT_KEY_HEADER = "x-lesionlocator-client"
 MAX_LESIONS_PER_REQUEST = 512
+UPLOAD_SLOTS = 2  # uploads decoded at once (each holds one raw image in memory)
 HASH_PATTERN = r"^[0-9a-f]{64}$"
 
 
@@ -635,6 +636,7 @@ def create_app(cfg: ServerConfig, service: ModelService | None = None) -> Any:
                 _free_gpu_cache()
             raise err from None
 
+    upload_slots = asyncio.Semaphore(UPLOAD_SLOTS)
     binary_reply = {200: {"content": {MASKS_MEDIA_TYPE: {"schema": {"type": "string", "format": "binary"}}},
                           "description": "mask bundle (wire.decode_masks)"}}
 
@@ -688,6 +690,12 @@ def create_app(cfg: ServerConfig, service: ModelService | None = None) -> Any:
     )
     async def upload_image(request: Request, session_id: str) -> dict:
         s = session_of(request, session_id)
+        if upload_slots.locked():
+            log.info("upload waits for a free slot (%d at once)", UPLOAD_SLOTS)
+        async with upload_slots:  # each decoding upload holds a whole raw image in memory: bound them
+            return await _upload(request, s)
+
+    async def _upload(request: Request, s: Session) -> dict:
         t0 = time.perf_counter()
         dec = VolumeDecoder(max_stream_bytes=cfg.max_upload_bytes, max_raw_bytes=cfg.max_cache_bytes)
         loop = asyncio.get_running_loop()
@@ -720,7 +728,10 @@ def create_app(cfg: ServerConfig, service: ModelService | None = None) -> Any:
         vol = s.images.get(body.hash) or state.store.find_image(owner(request), body.hash)
         if vol is None:
             raise ApiError(404, "image_not_cached", "the server does not hold this image; upload it")
-        state.store.add_image(s, body.hash, vol)
+        try:
+            state.store.add_image(s, body.hash, vol)
+        except (CacheFull, SessionNotFound) as exc:
+            raise _error_for(exc) from None
         s.reuses += 1
         return {"image": body.hash, "shape": list(vol.shape), "dtype": str(vol.array.dtype), "uploaded": False}
 
@@ -823,6 +834,21 @@ def create_app(cfg: ServerConfig, service: ModelService | None = None) -> Any:
 
         return Response(await on_worker(job), media_type=BUNDLES_MEDIA_TYPE)
 
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            from fastapi.openapi.utils import get_openapi
+
+            schema = get_openapi(title=app.title, version=app.version, description=app.description,
+                                 routes=app.routes)
+            schema.setdefault("components", {})["securitySchemes"] = {
+                "bearer": {"type": "http", "scheme": "bearer",
+                           "description": "required on every request when the server has tokens "
+                                          "(always off loopback)"}}
+            schema["security"] = [{"bearer": []}] if cfg.tokens else []
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
     wrapped = GuardMiddleware(app, cfg.tokens, max_body=cfg.max_upload_bytes, max_json=int(cfg.max_json_mb * 2**20))
     wrapped.state = state  # type: ignore[attr-defined]
     wrapped.fastapi = app  # type: ignore[attr-defined]

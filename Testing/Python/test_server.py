@@ -211,6 +211,7 @@ def test_version_capabilities_and_openapi(srv):
     assert VOLUME_MEDIA_TYPE in json.dumps(paths["/v1/sessions/{session_id}/image"])
     assert MASKS_MEDIA_TYPE in json.dumps(paths["/v1/sessions/{session_id}/segment"])
     assert "SegmentRequest" in spec["components"]["schemas"]
+    assert spec["components"]["securitySchemes"]["bearer"]["scheme"] == "bearer" and spec["security"]
 
 
 # ----------------------------------------------------------------------------------------
