@@ -3,7 +3,7 @@
 This is the paper's "registration" baseline and the fallback propagation when no learned tracking weights are
 installed. It works in physical space on the two original :class:`Volume`s (grids, spacings and directions may
 differ): both are smoothed and resampled to about ``resolution_mm``, aligned by an affine registration (centre of
-mass initialisation, Mattes mutual information, three resolution levels) and refined by symmetric-forces demons
+mass initialisation, correlation metric, three resolution levels) and refined by symmetric-forces demons
 (two levels; CT intensities are comparable between time points, and demons costs milliseconds per iteration where
 a B-spline with a mutual-information metric took tens of seconds).
 The transform maps follow-up physical points to baseline physical points; it is sampled on a coarse grid over the
@@ -73,18 +73,22 @@ def _to_sitk(volume: Volume) -> sitk.Image:
     return image
 
 
-def _clip_range(volume: Volume) -> tuple[float, float]:
+def _clip_range(volume: Volume, name: str = "image") -> tuple[float, float]:
     a = np.asarray(volume.array)
     sample = a.reshape(-1)[:: max(1, a.size // 1_000_000)].astype(np.float32)  # subsample before casting
     lo, hi = np.percentile(sample, [0.5, 99.5])
     if not np.isfinite(lo) or not np.isfinite(hi):
-        raise RegistrationError("image contains NaN or infinite values")
+        raise RegistrationError(f"{name} contains NaN or infinite values")
+    if hi - lo <= 1e-6 * max(1.0, abs(lo)):
+        raise RegistrationError(f"{name} has no contrast (constant intensity {lo:g}); cannot register it")
     return float(lo), float(hi)
 
 
-def _downsample(volume: Volume, resolution_mm: float, threads: int) -> tuple[sitk.Image, tuple[float, float]]:
+def _downsample(
+    volume: Volume, resolution_mm: float, threads: int, name: str = "image"
+) -> tuple[sitk.Image, tuple[float, float]]:
     """Clip to the 0.5-99.5 percentiles, smooth against aliasing and resample onto the coarse node grid."""
-    lo, hi = _clip_range(volume)
+    lo, hi = _clip_range(volume, name)
     image = sitk.Clamp(_to_sitk(volume), sitk.sitkFloat32, lo, hi)
     _, g = _coarse_grid(volume, resolution_mm)
     ref = _reference_image(volume, g)
@@ -202,6 +206,35 @@ def _demons(
     return sitk.Cast(disp, sitk.sitkVectorFloat64)
 
 
+def _initial_transform(
+    fixed: sitk.Image, moving: sitk.Image, f_lo: float, m_lo: float, threads: int, share_to_overlap: float
+) -> tuple[sitk.AffineTransform, float, str]:
+    """Best of three starting points by intensity correlation on the overlap: the scanner coordinates as they are
+    (longitudinal scans of one patient are often roughly aligned already), the centres of mass (body), and the
+    centres of the fields of view. Candidates overlapping less than a quarter of the smaller image are used only
+    when no candidate does."""
+    centre = fixed.TransformContinuousIndexToPhysicalPoint([(s - 1) / 2.0 for s in fixed.GetSize()])
+    identity = sitk.AffineTransform(3)
+    identity.SetCenter(centre)
+    candidates: list[tuple[str, sitk.AffineTransform]] = [("scanner coordinates", identity)]
+    try:
+        candidates.append(("centres of mass", sitk.AffineTransform(sitk.CenteredTransformInitializer(
+            _mass_image(fixed, f_lo), _mass_image(moving, m_lo), sitk.AffineTransform(3),
+            sitk.CenteredTransformInitializerFilter.MOMENTS,
+        ))))
+    except RuntimeError:  # zero mass (e.g. an image of air only): the other candidates remain
+        pass
+    candidates.append(("image centres", sitk.AffineTransform(sitk.CenteredTransformInitializer(
+        fixed, moving, sitk.AffineTransform(3), sitk.CenteredTransformInitializerFilter.GEOMETRY,
+    ))))
+    scored = []
+    for name, t in candidates:
+        corr, share = _correlation(fixed, moving, t, threads)
+        scored.append((min(1.0, share * share_to_overlap) >= 0.25, corr, name, t))
+    best = max(scored, key=lambda c: (c[0], c[1]))  # max() keeps the first of equals: deterministic
+    return best[3], best[1], best[2]
+
+
 def classical_transform(
     baseline: Volume,
     followup: Volume,
@@ -226,22 +259,22 @@ def classical_transform(
     for name, v in (("baseline", baseline), ("follow-up", followup)):
         if min(v.shape) < 2:
             raise RegistrationError(f"{name} image is too small to register: shape {v.shape}")
-    fixed, (f_lo, _) = _downsample(followup, resolution_mm, threads)
-    moving, (m_lo, _) = _downsample(baseline, resolution_mm, threads)
+    fixed, (f_lo, _) = _downsample(followup, resolution_mm, threads, "follow-up image")
+    moving, (m_lo, _) = _downsample(baseline, resolution_mm, threads, "baseline image")
     stages: list[str] = []
-    try:
-        initial = sitk.CenteredTransformInitializer(
-            _mass_image(fixed, f_lo), _mass_image(moving, m_lo), sitk.AffineTransform(3),
-            sitk.CenteredTransformInitializerFilter.MOMENTS,
-        )
-    except RuntimeError as exc:
-        raise RegistrationError(f"could not initialise the registration (empty image?): {exc}") from exc
-    corr_before, _ = _correlation(fixed, moving, initial, threads)
+    fixed_volume = float(np.prod(np.array(followup.shape) * np.array(followup.spacing)))
+    moving_volume = float(np.prod(np.array(baseline.shape) * np.array(baseline.spacing)))
+    initial, corr_before, how = _initial_transform(
+        fixed, moving, f_lo, m_lo, threads, fixed_volume / min(fixed_volume, moving_volume)
+    )
+    stages.append(f"initialisation: {how}")
 
-    # -- affine: three levels, Mattes MI -------------------------------------------------------------------------
+    # -- affine: three levels, correlation ------------------------------------------------------------------------
+    # (ITK's Mattes mutual information is not bit-reproducible from run to run, even on one thread; the
+    # correlation metric is, and suits CT-to-CT where intensities are related linearly.)
     reg = sitk.ImageRegistrationMethod()
     reg.SetNumberOfThreads(threads)
-    reg.SetMetricAsMattesMutualInformation(numberOfHistogramBins=32)
+    reg.SetMetricAsCorrelation()
     _sampling(reg, fixed, seed, max_samples)
     reg.SetInterpolator(sitk.sitkLinear)
     reg.SetOptimizerAsRegularStepGradientDescent(
@@ -269,9 +302,7 @@ def classical_transform(
         transform = sitk.CompositeTransform([affine, dft])
         stages.append("demons")
     corr, inside_share = _correlation(fixed, moving, transform, threads)
-    fixed_volume = float(np.prod(np.array(followup.shape) * np.array(followup.spacing)))
-    moving_volume = float(np.prod(np.array(baseline.shape) * np.array(baseline.spacing)))
-    overlap = inside_share * fixed_volume / min(fixed_volume, moving_volume)
+    overlap = min(1.0, inside_share * fixed_volume / min(fixed_volume, moving_volume))
     report = ClassicalRegistrationReport(overlap, corr_before, corr, affine_metric, deformable, stages)
     if overlap < min_overlap:
         raise RegistrationError(

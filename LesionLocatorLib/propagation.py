@@ -97,7 +97,7 @@ def _interp_separable(nodes: np.ndarray, axes_idx: list[tuple[np.ndarray, np.nda
     return out
 
 
-@dataclass
+@dataclass(eq=False)
 class Deformation:
     """Pull-back map from the follow-up grid to baseline voxel coordinates.
 
