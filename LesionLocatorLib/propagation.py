@@ -423,8 +423,28 @@ class LearnedPropagator:
         self.z_threshold = int(z_threshold)
         self.shape = registration_shape(self.net)
 
+    @classmethod
+    def from_track_weights(
+        cls,
+        network_weights: dict,
+        device: str | torch.device = "cpu",
+        input_shape: Sequence[int] = (1, 1, 175, 175, 175),
+        fp16: bool | None = None,
+        z_threshold: int = 20,
+    ) -> "LearnedPropagator":
+        """Build the uniGradICON network for ``input_shape`` and load the ``reg_net.*`` entries of a
+        LesionLocatorTrack checkpoint's ``network_weights`` (175^3 for the published weights)."""
+        from .registration_net import build_registration_network, load_registration_weights
+
+        net = build_registration_network(tuple(input_shape))
+        load_registration_weights(net, network_weights)
+        return cls(net, device=device, fp16=fp16, z_threshold=z_threshold)
+
     def register(self, baseline_pp: np.ndarray, followup_pp: np.ndarray) -> Deformation:
-        """Register preprocessed baseline (moving) to preprocessed follow-up (fixed)."""
+        """Register preprocessed baseline (moving) to preprocessed follow-up (fixed).
+
+        Both are the section-2 preprocessed arrays (cropped to non-zero, CT-normalised, resampled to the model
+        spacing; not padded to the patch size). Warp the baseline's resampled lesion masks with the result."""
         from .registration_net import one_way_displacement
 
         for name, a in (("baseline", baseline_pp), ("follow-up", followup_pp)):

@@ -226,3 +226,27 @@ def test_learned_propagator_identity_net_with_z_crop():
     np.testing.assert_array_equal(out, published_warp(lesion, ident, za, followup.shape).astype(np.uint8))
     with pytest.raises(DeformationError, match="3D"):
         prop.register(baseline[0], followup)
+    # built from a tracking checkpoint's weights: same network, same result
+    weights = {f"reg_net.{k}": v for k, v in net.state_dict().items()}
+    weights["unet.stem.weight"] = torch.zeros(1)
+    prop2 = LearnedPropagator.from_track_weights(weights, input_shape=(1, 1, 65, 65, 65))
+    np.testing.assert_array_equal(prop2.register(baseline, followup).coords, d.coords)
+
+
+def test_learned_propagator_direction_and_scaling():
+    """A network that outputs a constant +5-voxel z displacement on its 65^3 grid: on a 130-slice pair the
+    follow-up voxel z samples baseline z + 10, so the lesion appears 10 slices lower in the follow-up."""
+    from LesionLocatorLib.registration_net import build_registration_network
+
+    torch.manual_seed(0)
+    net = build_registration_network((1, 1, 65, 65, 65))
+    with torch.no_grad():
+        net.regis_net.netPsi.net.lastConv.bias[0] = 10 * 5 / 64
+    vol = _smooth_volume((130, 65, 65), 8)
+    d = LearnedPropagator(net).register(vol, vol)
+    lesion = cube(vol.shape, (60, 20, 30), (80, 30, 40))
+    out = d.warp(lesion)
+    np.testing.assert_array_equal(out, cube(vol.shape, (50, 20, 30), (70, 30, 40)))
+    # nearest-node sampling: z 55 uses node 27 (centre z 54.5), whose value is baseline z 64.5
+    np.testing.assert_allclose(d.sample(np.array([[55.0, 25, 35]])), [[64.5, 25, 35]], atol=1e-3)
+    np.testing.assert_allclose(warp_points(d, [[70.0, 25, 35]]), [[60.0, 25, 35]], atol=0.51)
