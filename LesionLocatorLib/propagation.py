@@ -215,8 +215,8 @@ class Deformation:
         """Window-voxel range whose interpolation may touch nodes lo_node..hi_node (conservative)."""
         n = int(self._window_sizes()[axis])
         g = self.grid_shape[axis]
-        a = int(np.floor((lo_node - 1 + 0.5) * n / g - 0.5))
-        b = int(np.ceil((hi_node + 1 + 0.5) * n / g - 0.5)) + 1
+        a = int(np.floor((lo_node - 2 + 0.5) * n / g - 0.5))
+        b = int(np.ceil((hi_node + 2 + 0.5) * n / g - 0.5)) + 1
         return max(a, 0), min(b, n)
 
 
@@ -274,7 +274,10 @@ def warp_mask(deformation: Deformation, baseline_mask: np.ndarray, followup_shap
     # linear: interpolate coordinates voxel-wise, but only where the map can reach the mask's bounding box.
     nzs = np.nonzero(src)
     csrc = d._to_source(d.coords)
-    reach = d.margin() + 1.0
+    # A voxel's coordinate is a convex combination of its 8 stencil nodes (or extrapolated half a cell past the
+    # outermost ones), so it lies within 3.5 neighbour steps of one of them: nodes farther than that from the
+    # mask's box cannot produce a voxel inside it.
+    reach = 3.5 * d.margin() + 1.0
     near = np.ones(g, dtype=bool)
     for k in range(3):
         near &= (csrc[k] >= nzs[k].min() - reach) & (csrc[k] <= nzs[k].max() + reach)
