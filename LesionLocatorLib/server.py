@@ -357,10 +357,13 @@ class ModelService:
         except Exception as exc:  # noqa: BLE001 - tracking is optional; segmentation still serves
             self.load_errors["track"] = f"{type(exc).__name__}: {exc}"
 
+    warmed = False
+
     def warmup(self) -> None:
         """One forward pass per model (cuDNN autotuning, lazy init) so the first click is not slow."""
         for kind in self.prompt_types:
             self.segmenter.warmup(kind)
+        self.warmed = True
 
     # -- requests ----------------------------------------------------------------------
     def view(self, image_hash: str, volume: Volume) -> Any:
@@ -567,7 +570,7 @@ def create_app(cfg: ServerConfig, service: ModelService | None = None) -> Any:
         t0 = time.perf_counter()
         if state.service.segmenter is None:
             await state.worker.run(state.service.load)
-        if cfg.warmup:
+        if cfg.warmup and not state.service.warmed:
             await state.worker.run(state.service.warmup)
         state.ready = True
         log.info("models ready in %.1f s on %s: %s", time.perf_counter() - t0, state.service.device,
@@ -930,7 +933,15 @@ def run(args: argparse.Namespace) -> int:
     try:
         cfg = config_from_args(args)
         app = create_app(cfg)
-    except ServerConfigError as exc:
+        # load and warm up on the model thread before the port opens: a bad checkpoint or device is a
+        # clean message here, and the first client never waits for a model.
+        state = app.state
+        t0 = time.perf_counter()
+        state.worker.submit_sync(state.service.load)
+        if cfg.warmup:
+            state.worker.submit_sync(state.service.warmup)
+        log.info("models loaded and warmed up in %.1f s", time.perf_counter() - t0)
+    except (ServerConfigError, ValueError, OSError) as exc:  # CheckpointError / DeviceError / missing files
         print(f"lesionlocator serve: {exc}", file=sys.stderr)
         return 2
     if not is_loopback(cfg.host) and not cfg.tls_cert:

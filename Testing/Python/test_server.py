@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import requests
+import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -172,6 +173,20 @@ def test_public_address_needs_a_token(checkpoint, tmp_path):
     (tmp_path / "empty").write_text("# nothing\n")
     with pytest.raises(ServerConfigError, match="no token"):
         config_from_args(parser.parse_args(["-m", str(checkpoint), "--token-file", str(tmp_path / "empty")]))
+
+
+def test_run_fails_cleanly_before_binding(checkpoint, tmp_path, capsys):
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    port = str(free_port())
+    assert run(parser.parse_args(["-m", str(tmp_path / "missing"), "--port", port])) == 2
+    assert "not found" in capsys.readouterr().err
+    (tmp_path / "empty_dir").mkdir()
+    assert run(parser.parse_args(["-m", str(tmp_path / "empty_dir"), "--port", port])) == 2
+    assert "no segmentation model" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert run(parser.parse_args(["-m", str(checkpoint), "--device", "cuda", "--port", port])) == 2
+        assert "CUDA" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------------------
