@@ -202,12 +202,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="folder with cases.json (real CTs)")
     parser.add_argument("--output", type=Path, default=PACKAGE_DIR, help="package folder to write")
     parser.add_argument("--stage", choices=("all", "train", "export", "evaluate"), default="all")
-    parser.add_argument("--epochs", type=int, default=30)
-    parser.add_argument("--iters", type=int, default=40)
-    parser.add_argument("--batch-size", type=int, default=2)
+    parser.add_argument("--epochs", type=int, default=25)
+    parser.add_argument("--iters", type=int, default=25)
+    parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--phantoms", type=int, default=30)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--resume", action="store_true")
 
 
