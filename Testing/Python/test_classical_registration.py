@@ -172,3 +172,32 @@ def test_real_ct_oblique_anisotropic_followup_grid(sts002):
     # the lesion centre pushed forward as a point lands near the warped mask's centre
     p = warp_points(d, np.argwhere(mask.array > 0).mean(axis=0)[None])[0]
     assert np.linalg.norm(followup.voxel_to_world(p) - centre_mm(truth, followup)) < 5.0
+
+
+def test_command_line_register(tmp_path):
+    import argparse
+
+    from LesionLocatorLib import classical_registration
+    from LesionLocatorLib.geometry import GeometryError
+    from LesionLocatorLib.image_io import write_image
+
+    image, mask = phantom()
+    t = known_transform(volume_to_sitk(image), (8.0, 0.0, 0.0), 2.0, seed=5)
+    followup, truth = make_followup(image, mask, t)
+    write_image(image, tmp_path / "b.nii.gz")
+    write_image(followup, tmp_path / "f.nii.gz")
+    write_image(mask.with_array(mask.array * 7), tmp_path / "m.nii.gz")
+    parser = argparse.ArgumentParser()
+    classical_registration.add_arguments(parser)
+    args = parser.parse_args(["--baseline", str(tmp_path / "b.nii.gz"), "--followup", str(tmp_path / "f.nii.gz"),
+                              "--mask", str(tmp_path / "m.nii.gz"), "-o", str(tmp_path / "out.nii.gz"),
+                              "--affine-only"])
+    assert classical_registration.run(args) == 0
+    out = read_image(tmp_path / "out.nii.gz")
+    assert out.same_grid(followup) and set(np.unique(out.array)) == {0, 7}
+    assert dice(out.array, truth) >= 0.8
+    # a mask that is not on the baseline's grid is refused
+    write_image(Volume(truth[:, :, :50].copy(), followup.spacing, followup.origin), tmp_path / "wrong.nii.gz")
+    args.mask = str(tmp_path / "wrong.nii.gz")
+    with pytest.raises(GeometryError, match="not on the baseline"):
+        classical_registration.run(args)
