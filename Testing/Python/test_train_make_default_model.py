@@ -1,0 +1,78 @@
+"""train.make_default_model + LesionLocatorLib.bundled: plans, split, export layout, the bundled package."""
+from __future__ import annotations
+
+import json
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import DATA, require
+from LesionLocatorLib import bundled
+from LesionLocatorLib.checkpoint import write_checkpoint
+from LesionLocatorLib.network import build_network
+from LesionLocatorLib.phantom import lesion_prompts, make_phantom
+from LesionLocatorLib.plans import config_from_dicts, make_dataset_json
+from LesionLocatorLib.segmenter import LesionSegmenter
+from train import make_default_model as M
+
+
+def test_default_plans_are_valid_and_small():
+    plans = M.default_plans()
+    cfg = config_from_dicts(plans, make_dataset_json())
+    n = len(cfg.arch_kwargs["features_per_stage"])
+    assert all(p % 2 ** (n - 1) == 0 for p in cfg.patch_size)
+    net = build_network(cfg, 2)
+    assert sum(p.numel() for p in net.parameters()) < 3_000_000
+
+
+def test_real_split_holds_out_sts():
+    require(DATA / "cases.json")
+    cases = M.real_cases(DATA)
+    train = {c["name"] for c in cases if c["dataset"] in M.TRAIN_DATASETS}
+    held = {c["name"] for c in cases if c["dataset"] in M.EVAL_DATASETS}
+    assert held == {"STS_002", "STS_003"}
+    assert train and not (train & held)
+
+
+def test_export_writes_both_models_fp16(tmp_path):
+    work = tmp_path / "work"
+    plans = M.default_plans()
+    net = build_network(config_from_dicts(plans, make_dataset_json()), 2)
+    write_checkpoint(work / "model", plans, make_dataset_json(), 0, net.state_dict())
+    (work / "model" / "fold_0" / "training_log.jsonl").write_text('{"epoch": 0}\n')
+    paths = M.export(work, tmp_path / "pkg")
+    assert [p.parent.parent.name for p in paths] == ["point_optimized", "bbox_optimized"]
+    ck = torch.load(paths[0], map_location="cpu", weights_only=False)
+    assert all(v.dtype == torch.float16 for v in ck["network_weights"].values() if v.is_floating_point())
+    seg = LesionSegmenter.from_checkpoint(tmp_path / "pkg" / "LesionLocatorCheckpoint", ["point", "box"],
+                                          device="cpu")
+    assert set(seg.prompt_types) == {"point", "box"}
+
+
+def test_missing_bundle_raises_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setattr(bundled, "DEFAULT_MODEL_DIR", tmp_path)
+    with pytest.raises(bundled.BundledModelMissing, match="default model is not installed"):
+        bundled.default_checkpoint()
+    assert issubclass(bundled.BundledModelMissing, OSError)
+
+
+def test_bundled_model_segments_a_phantom_quickly():
+    try:
+        root = bundled.default_checkpoint()
+    except bundled.BundledModelMissing:
+        pytest.skip("bundled default model not built in this checkout")
+    size = sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
+    assert size < 20e6
+    torch.set_num_threads(1)
+    seg = LesionSegmenter.from_checkpoint(root, ["point", "box"], device="cpu")
+    ct, lab = make_phantom((64, 128, 128), (2.0, 1.5, 1.5), n_lesions=2, seed=424242)
+    seg.set_image(ct)
+    pr = lesion_prompts(lab)
+    t0 = time.perf_counter()
+    res = seg.segment(points={1: pr[1]["point"]}, boxes={2: pr[2]["box"]})
+    assert time.perf_counter() - t0 < 30
+    assert set(res.lesions) == {1, 2}
+    card = bundled.model_card()
+    assert card.is_file() and "Dice" in card.read_text()
