@@ -122,6 +122,7 @@ class LesionLocatorClient:
         self.image: Volume | None = None
         self.image_hash: str | None = None
         self.lesions: dict[int, LesionMask] = {}
+        self.baseline_result: SegmentationResult | None = None
         self.last_request_bytes = 0
         self.last_response_bytes = 0
         self.last_server_ms: float | None = None  # the model job's time as the server measured it
@@ -207,17 +208,20 @@ class LesionLocatorClient:
         if not isinstance(volume, Volume):
             raise TypeError(f"set_image needs a Volume, got {type(volume).__name__}")
         digest = content_hash(volume)
-        self._select_image(volume, digest)
+        held = self._select_image(volume, digest)
         if digest != self.image_hash:
             self.lesions = {}
         self.image, self.image_hash = volume, digest
+        if held:  # the session already has masks on this image (earlier clicks, tracking): paste them
+            self.fetch_results()
         return digest
 
-    def _select_image(self, volume: Volume, digest: str, retry: bool = True) -> None:
+    def _select_image(self, volume: Volume, digest: str, retry: bool = True) -> list[int]:
+        """Make the image current on the server (upload only if needed); returns the lesion ids it holds."""
         sid = self._session()
         try:
-            self._request("POST", f"{API}/sessions/{sid}/image/reuse", json={"hash": digest})
-            return
+            info = self._request("POST", f"{API}/sessions/{sid}/image/reuse", json={"hash": digest})
+            return list(info.get("lesions") or [])
         except SessionLost:
             if not retry:
                 raise
@@ -241,6 +245,7 @@ class LesionLocatorClient:
         if info.get("image") != digest:
             raise ProtocolMismatch(f"server stored the image under hash {info.get('image')}, expected {digest}")
         self.uploads += 1
+        return []
 
     def _ensure_session_image(self) -> None:
         if self.image is None or self.image_hash is None:
@@ -314,8 +319,14 @@ class LesionLocatorClient:
         boxes: Mapping[int, Sequence[float]] | None = None,
         masks: Mapping[int, np.ndarray | LesionMask] | None = None,
         space: str = "voxel",
+        from_baseline: bool = False,
     ) -> list[SegmentationResult]:
-        """Track baseline lesions (prompts, or with no prompts the baseline's current masks) into follow-ups."""
+        """Track baseline lesions into follow-ups; returns one result per follow-up (like LesionTracker.track).
+
+        Prompts are on the baseline; without prompts, the masks this client holds for the baseline (its
+        current image) are tracked.  The baseline's masks (segmented first from points/boxes) are left in
+        ``baseline_result``.
+        """
         if self.capabilities is not None and not self.capabilities.get("tracking", False):
             raise ProtocolMismatch(f"server {self.url} cannot track: "
                                    f"{self.capabilities.get('unavailable', {}).get('track', 'no tracking model')}")
@@ -324,7 +335,7 @@ class LesionLocatorClient:
             d = content_hash(vol)
             self._select_image(vol, d)
             hashes.append(d)
-        body: dict[str, Any] = {"baseline": hashes[0], "followups": hashes[1:]}
+        body: dict[str, Any] = {"baseline": hashes[0], "followups": hashes[1:], "from_baseline": from_baseline}
         prompts = build_prompts(points, boxes, masks, space) if (points or boxes or masks) else None
         if prompts:
             body["prompts"] = prompts
@@ -335,10 +346,14 @@ class LesionLocatorClient:
             body["use_results"] = True
         data = self._with_session(lambda sid: self._request("POST", f"{API}/sessions/{sid}/track", json=body,
                                                             expect="bundles"), reupload=False)
-        out = []
-        for vol, part in zip(followups, unpack_bundles(data)):
-            out.append(SegmentationResult(vol, dict(_decode(part, self.url).lesions)))
-        return out
+        parts = [_decode(p, self.url) for p in unpack_bundles(data)]
+        if len(parts) != len(followups) + 1:
+            raise ProtocolMismatch(f"server sent {len(parts)} results for 1 baseline + {len(followups)} follow-ups")
+        self.baseline_result = SegmentationResult(baseline, dict(parts[0].lesions))
+        # the tracked images were selected on the server in turn; this client's current image is the last
+        self.image, self.image_hash = followups[-1], hashes[-1]
+        self.lesions = dict(parts[-1].lesions)
+        return [SegmentationResult(vol, dict(b.lesions)) for vol, b in zip(followups, parts[1:])]
 
     # -- helpers -------------------------------------------------------------------------
     def _with_session(self, call: Any, reupload: bool = True) -> Any:

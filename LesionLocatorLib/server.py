@@ -203,7 +203,10 @@ class TrackRequest(BaseModel):
     baseline: str = Field(pattern=HASH_PATTERN)
     followups: list[Annotated[str, Field(pattern=HASH_PATTERN)]] = Field(min_length=1, max_length=16)
     prompts: Optional[dict[LesionId, PromptSpec]] = Field(default=None, max_length=MAX_LESIONS_PER_REQUEST)
-    use_results: bool = Field(default=False, description="track the session's current masks on the baseline")
+    use_results: bool = Field(default=False, strict=True,
+                              description="track the session's current masks on the baseline")
+    from_baseline: bool = Field(default=False, strict=True,
+                                description="prompt every follow-up from the baseline (default: autoregressive)")
 
     @model_validator(mode="after")
     def _one_source(self) -> "TrackRequest":
@@ -243,6 +246,12 @@ def _error_for(exc: BaseException) -> ApiError:
         return ApiError(413, "image_too_large", str(exc))
     if isinstance(exc, (PromptError, GeometryError)):
         return ApiError(422, "invalid_prompt", str(exc))
+    try:
+        from .tracker import TrackingError
+    except ImportError:  # an installation without the tracker
+        TrackingError = ()  # type: ignore[assignment,misc]  # noqa: N806
+    if TrackingError and isinstance(exc, TrackingError):
+        return ApiError(422, "cannot_track", str(exc))
     return ApiError(500, "inference_failed", f"{type(exc).__name__}: {exc}")
 
 
@@ -312,6 +321,7 @@ class ModelService:
         self.model_ids: dict[str, str] = {}
         self.load_errors: dict[str, str] = {}
         self.max_views = max_views
+        self.tracking_method: dict[str, str] = {}
         self._views: "OrderedDict[str, Any]" = OrderedDict()
 
     @property
@@ -345,17 +355,35 @@ class ModelService:
         except DeviceError as exc:
             raise ServerConfigError(str(exc)) from None
         self.device = str(self.segmenter.device)
-        try:
-            from .tracker import LesionTracker  # lands later; tracking is optional
+        self._load_tracker()
 
-            model_dir = resolve_model_dir(self.cfg.checkpoint, "track")
-            self.tracker = LesionTracker.from_checkpoint(  # type: ignore[attr-defined]
-                model_dir, device=self.device, folds=self.cfg.folds, tta=self.cfg.tta)
-            self.model_ids["track"] = _model_id(model_dir)
-        except ImportError:
-            self.load_errors["track"] = "this installation has no tracker (LesionLocatorLib.tracker)"
+    def _load_tracker(self) -> None:
+        """Tracking is optional: with a LesionLocatorTrack model the published learned method, without one
+        classical registration refined by the segmentation model; any failure leaves segmentation serving."""
+        from .checkpoint import CheckpointError, resolve_model_dir
+
+        try:
+            from .tracker import LesionTracker
+        except ImportError as exc:
+            self.load_errors["track"] = f"this installation has no tracker ({exc})"
+            return
+        track_dir = None
+        try:
+            track_dir = resolve_model_dir(self.cfg.checkpoint, "track")  # type: ignore[arg-type]
+            seg_dirs = {resolve_model_dir(self.cfg.checkpoint, k) for k in self.prompt_types}  # type: ignore[arg-type]
+            if track_dir in seg_dirs:  # a single segmentation model folder resolves to itself for every kind
+                track_dir = None
+        except CheckpointError:
+            track_dir = None
+        try:
+            # the tracker gets its own view of the segmenter: shared networks, its own image state
+            self.tracker = LesionTracker(track_dir, segmenter=copy.copy(self.segmenter), device=self.device,
+                                         folds=self.cfg.folds, tta=self.cfg.tta)
         except Exception as exc:  # noqa: BLE001 - tracking is optional; segmentation still serves
             self.load_errors["track"] = f"{type(exc).__name__}: {exc}"
+            return
+        self.model_ids["track"] = _model_id(track_dir) if track_dir else "classical-registration"
+        self.tracking_method = {"propagation": self.tracker.propagation, "refine": self.tracker.refine}
 
     warmed = False
 
@@ -395,11 +423,16 @@ class ModelService:
         return self.view(image_hash, volume).segment_prompts(prompts, return_probabilities=probabilities)
 
     def track(self, baseline: tuple[str, Volume], followups: list[tuple[str, Volume]],
-              prompts: dict[int, Any]) -> list[SegmentationResult]:
+              prompts: dict[int, Any], from_baseline: bool = False
+              ) -> tuple[SegmentationResult, list[SegmentationResult]]:
+        """(baseline masks, one result per follow-up), as LesionTracker.track computes them."""
         if self.tracker is None:
             raise ApiError(501, "tracking_unavailable",
                            f"tracking is not available on this server ({self.load_errors.get('track', 'no model')})")
-        return list(self.tracker.track(baseline[1], [f for _, f in followups], prompts))
+        results = list(self.tracker.track(baseline[1], [f for _, f in followups], prompts,
+                                          from_baseline=from_baseline))
+        base = self.tracker.baseline_result or SegmentationResult(baseline[1])
+        return base, results
 
 
 def _model_id(model_dir: Path) -> str:
@@ -659,6 +692,7 @@ def create_app(cfg: ServerConfig, service: ModelService | None = None) -> Any:
             "models": svc.model_ids,
             "prompt_types": svc.prompt_types + (["mask"] if svc.prompt_types else []),
             "tracking": svc.tracker is not None,
+            "tracking_method": svc.tracking_method,
             "device": svc.device,
             "devices": available_devices(),
             "max_upload_bytes": cfg.max_upload_bytes,
@@ -736,7 +770,8 @@ def create_app(cfg: ServerConfig, service: ModelService | None = None) -> Any:
         except (CacheFull, SessionNotFound) as exc:
             raise _error_for(exc) from None
         s.reuses += 1
-        return {"image": body.hash, "shape": list(vol.shape), "dtype": str(vol.array.dtype), "uploaded": False}
+        return {"image": body.hash, "shape": list(vol.shape), "dtype": str(vol.array.dtype), "uploaded": False,
+                "lesions": sorted(s.lesions(body.hash))}
 
     @app.post(f"{API}/sessions/{{session_id}}/segment", summary="Segment lesions from prompts",
               response_class=Response, responses=binary_reply)
@@ -826,11 +861,14 @@ def create_app(cfg: ServerConfig, service: ModelService | None = None) -> Any:
             prompts = _prompts_from_specs(body.prompts or {}, base[1])
 
         def job() -> bytes:
-            results_ = state.service.track(base, fus, prompts)
+            state.service.prune(state.store.live_images() | {base[0]} | {h for h, _ in fus})
+            base_res, results_ = state.service.track(base, fus, prompts, body.from_baseline)
             parts = []
-            for (h, vol), res in zip(fus, results_):
+            # first bundle: the baseline masks (segmented from point/box prompts); then one per follow-up.
+            # Tracking results are stored per image but are not undo steps (undo is for clicks).
+            for (h, vol), res in zip([base, *fus], [base_res, *results_]):
                 new = {lid: _shrunk(les) for lid, les in res.lesions.items()}
-                state.store.record(s, h, new)
+                state.store.record(s, h, new, undoable=False)
                 parts.append(encode_masks(new.values(), shape=vol.shape, extra={"image": h}))
             s.requests += 1
             return pack_bundles(parts)

@@ -222,14 +222,19 @@ class SessionStore:
         return key, vol
 
     # -- results and undo ------------------------------------------------------------
-    def record(self, session: Session, image_hash: str, new: dict[int, LesionMask]) -> dict[int, LesionMask | None]:
-        """Store new lesion masks as the current ones, push an undo entry; returns the replaced masks."""
+    def record(self, session: Session, image_hash: str, new: dict[int, LesionMask],
+               undoable: bool = True) -> dict[int, LesionMask | None]:
+        """Store new lesion masks as the current ones (and an undo entry); returns the replaced masks."""
         with self._lock:
             current = session.lesions(image_hash)
             previous = {lid: current.get(lid) for lid in new}
             current.update(new)
-            session.history.append(HistoryEntry(image_hash, previous))
-            del session.history[:-self.max_history]
+            if undoable:
+                session.history.append(HistoryEntry(image_hash, previous))
+                del session.history[:-self.max_history]
+            else:  # older undo steps of these lesions would now restore stale masks over the new ones
+                session.history = [h for h in session.history
+                                   if h.image != image_hash or not set(h.previous) & set(new)]
             return previous
 
     def undo(self, session: Session) -> tuple[str, dict[int, LesionMask | None], dict[int, LesionMask]]:

@@ -643,24 +643,64 @@ def test_fuzz_binary_and_other_endpoints(srv, fuzz_session, junk, cut, path):
     assert raw(srv, "GET", "/v1/health").status_code == 200
 
 
-def test_track_without_a_tracker_is_a_clear_501(srv):
-    """Until LesionLocatorLib.tracker exists the server says so (capabilities and a 501), never crashes."""
+def lung_ct(seed: int, shift: int = 0) -> Volume:
+    """Lung-like background (-700 HU) with one soft-tissue nodule, moved by ``shift`` voxels in y."""
+    r = np.random.default_rng(seed)
+    a = r.normal(-700, 50, (30, 48, 44))
+    zz, yy, xx = np.indices(a.shape)
+    a[((zz - 15) ** 2 / 36 + (yy - 24 - shift) ** 2 / 64 + (xx - 22) ** 2 / 49) < 1] = 40
+    return Volume(a.astype(np.int16), spacing=(2.0, 1.0, 1.0))
+
+
+def test_track_round_trip_equals_in_process(srv, checkpoint):
+    from LesionLocatorLib.prompts import Mask, Point
+    from LesionLocatorLib.tracker import LesionTracker
+
     info = raw(srv, "GET", "/v1/version").json()
-    if info["tracking"]:
-        pytest.skip("this build has a tracker: covered by the tracking round trip")
-    assert "track" in info["unavailable"]
-    base, fu = ct(seed=40), ct(seed=41)
+    assert info["tracking"] is True, info["unavailable"]
+    # the tiny package has no LesionLocatorTrack model: classical registration refined by the segmenter
+    assert info["tracking_method"] == {"propagation": "classical", "refine": "segment"}
+    base, fu1, fu2 = lung_ct(1), lung_ct(2, 2), lung_ct(3, 4)
+    seg = LesionSegmenter.from_checkpoint(checkpoint, prompt_type=["point", "box"], device="cpu")
+    local = LesionTracker(None, segmenter=seg, device="cpu")
+    expected = local.track(base, [fu1, fu2], {1: Point((15.0, 24.0, 22.0))})
+    with LesionLocatorClient(srv.url, token=TOKEN_A) as c:
+        got = c.track(base, [fu1, fu2], points={1: (15, 24, 22)})
+        assert len(got) == 2
+        for g, e in zip(got, expected):
+            assert_same(g, e)
+        assert_same(c.baseline_result, local.baseline_result)
+        assert any(not les.empty for les in got[0].lesions.values())
+        # the tracked follow-up is now the client's image, with its masks pasted
+        assert c.image_hash == content_hash(fu2) and set(c.lesions) == {1}
+        # track the masks the client drew on the baseline (no prompts in the request)
+        c.set_image(base)  # the session holds the baseline masks of the tracking: the client pastes them
+        assert set(c.lesions) == {1}
+        assert_same(c.result(), local.track(base, [fu1], {1: Point((15.0, 24.0, 22.0))}) and local.baseline_result)
+        c.segment(boxes={4: (8, 22, 14, 34, 12, 32)})
+        drawn = {lid: Mask(les.full(base.shape).astype(bool)) for lid, les in c.lesions.items()}
+        got = c.track(base, [fu1])
+        exp = local.track(base, [fu1], drawn)
+        assert set(exp[0].lesions) == {1, 4}
+        assert_same(got[0], exp[0])
+        # a scan of another modality / field of view is refused with the tracker's message
+        with pytest.raises(RequestRejected, match="422.*same modality"):
+            c.track(base, [Volume(np.full((30, 48, 44), 100, np.int16), spacing=(2.0, 1.0, 1.0))],
+                    points={1: (15, 24, 22)})
+
+
+def test_bad_track_requests(srv):
+    base, fu = lung_ct(4), lung_ct(5, 1)
     sid = raw_session(srv, TOKEN_A, "tracker", base)
     raw(srv, "PUT", f"/v1/sessions/{sid}/image", TOKEN_A, "tracker", data=encode_volume(fu))
     body = {"baseline": content_hash(base), "followups": [content_hash(fu)], "prompts": {"1": {"point": [5, 5, 5]}}}
-    r = raw(srv, "POST", f"/v1/sessions/{sid}/track", TOKEN_A, "tracker", json=body)
-    assert r.status_code == 501 and r.json()["error"] == "tracking_unavailable"
-    # malformed track requests are 4xx before anything reaches a model
-    for bad in [dict(body, followups=[]), dict(body, use_results=True), {k: v for k, v in body.items() if k != "prompts"},
-                dict(body, baseline="x")]:
-        assert raw(srv, "POST", f"/v1/sessions/{sid}/track", TOKEN_A, "tracker", json=bad).status_code == 422
-    with LesionLocatorClient(srv.url, token=TOKEN_A) as c:
-        from LesionLocatorLib.client import ProtocolMismatch
-
-        with pytest.raises(ProtocolMismatch, match="cannot track"):
-            c.track(base, [fu], points={1: (5, 5, 5)})
+    post = lambda b: raw(srv, "POST", f"/v1/sessions/{sid}/track", TOKEN_A, "tracker", json=b)  # noqa: E731
+    for bad, status in [(dict(body, followups=[]), 422), (dict(body, use_results=True), 422),
+                        ({k: v for k, v in body.items() if k != "prompts"}, 422), (dict(body, baseline="x"), 422),
+                        (dict(body, followups=["0" * 64]), 409),
+                        (dict(body, prompts={"1": {"point": [99, 5, 5]}}), 422),
+                        ({k: v for k, v in body.items() if k != "prompts"} | {"use_results": True}, 409)]:
+        r = post(bad)
+        assert r.status_code == status, (bad, r.text)
+        assert r.json()["message"]
+    assert raw(srv, "GET", f"/v1/sessions/{sid}", TOKEN_A, "tracker").json()["lesions"] == []
