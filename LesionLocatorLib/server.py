@@ -921,8 +921,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to bind (default 127.0.0.1; any other needs --token/--token-file)")
     parser.add_argument("--port", type=int, default=8765, help="TCP port (default 8765; 0 picks a free one)")
-    parser.add_argument("-m", "--model", "--checkpoint", dest="checkpoint", required=True,
-                        help="LesionLocatorModel.zip, its extracted folder, LesionLocatorCheckpoint or one model folder")
+    parser.add_argument("-m", "--model", "--checkpoint", dest="checkpoint", metavar="CHECKPOINT",
+                        help="LesionLocatorModel.zip, its extracted folder, LesionLocatorCheckpoint or one model "
+                             "folder (default: the bundled demo model, if installed)")
     parser.add_argument("--device", default="auto", help="cuda, cuda:N, cpu or auto (default)")
     parser.add_argument("--folds", default="0", help="folds to ensemble: 'all' or e.g. '0' or '0,1,2' (default 0)")
     parser.add_argument("--tta", action="store_true", help="mirror test-time augmentation (8x slower)")
@@ -955,8 +956,18 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         tokens = (args.token,)
     elif getattr(args, "token_file", None):
         tokens = read_token_file(args.token_file)
+    checkpoint = args.checkpoint
+    if not checkpoint:
+        try:
+            from .bundled import default_checkpoint
+
+            checkpoint = str(default_checkpoint())
+        except (ImportError, OSError, ValueError) as exc:
+            raise ServerConfigError(f"no checkpoint given (-m CHECKPOINT) and no bundled model: {exc}") from None
+        log.warning("no -m given: serving the bundled DEMO model %s; for clinical-quality results pass the "
+                    "published LesionLocatorModel.zip with -m", checkpoint)
     return ServerConfig(
-        checkpoint=args.checkpoint, device=args.device, folds=_parse_folds(args.folds), tta=args.tta,
+        checkpoint=checkpoint, device=args.device, folds=_parse_folds(args.folds), tta=args.tta,
         host=args.host, port=args.port, tokens=tokens, max_sessions=args.max_sessions,
         max_upload_mb=args.max_upload_mb, max_cache_mb=args.max_cache_mb, session_ttl_s=args.session_ttl,
         warmup=not args.no_warmup, tls_cert=getattr(args, "tls_cert", None), tls_key=getattr(args, "tls_key", None),

@@ -184,6 +184,13 @@ def test_run_fails_cleanly_before_binding(checkpoint, tmp_path, capsys):
     (tmp_path / "empty_dir").mkdir()
     assert run(parser.parse_args(["-m", str(tmp_path / "empty_dir"), "--port", port])) == 2
     assert "no segmentation model" in capsys.readouterr().err
+    from LesionLocatorLib.bundled import BundledModelMissing, default_checkpoint
+
+    try:
+        default_checkpoint()
+    except BundledModelMissing:  # without -m the bundled model is served; absent, that is a clear error
+        assert run(parser.parse_args(["--port", port])) == 2
+        assert "no checkpoint given" in capsys.readouterr().err
     if not torch.cuda.is_available():
         assert run(parser.parse_args(["-m", str(checkpoint), "--device", "cuda", "--port", port])) == 2
         assert "CUDA" in capsys.readouterr().err
