@@ -209,11 +209,12 @@ class LesionLocatorClient:
             raise TypeError(f"set_image needs a Volume, got {type(volume).__name__}")
         digest = content_hash(volume)
         held = self._select_image(volume, digest)
-        if digest != self.image_hash:
+        changed = digest != self.image_hash
+        if changed:
             self.lesions = {}
         self.image, self.image_hash = volume, digest
-        if held:  # the session already has masks on this image (earlier clicks, tracking): paste them
-            self.fetch_results()
+        if held and (changed or set(held) != set(self.lesions)):
+            self.fetch_results()  # the session has masks on this image (earlier clicks, tracking): paste them
         return digest
 
     def _select_image(self, volume: Volume, digest: str, retry: bool = True) -> list[int]:
@@ -226,6 +227,7 @@ class LesionLocatorClient:
             if not retry:
                 raise
             self.session_id = None
+            self.lesions = {}  # the server's state of that session is gone
             return self._select_image(volume, digest, retry=False)
         except RequestRejected as exc:
             if exc.code != "image_not_cached":
