@@ -51,7 +51,10 @@ class PromptModel:
     mirror_axes: tuple[int, ...]
 
     @classmethod
-    def load(cls, model_dir: Path, kind: str, folds, device: torch.device) -> "PromptModel":
+    def load(cls, model_dir: Path, kind: str, folds, device: torch.device, weights_prefix: str = "",
+             other_prefixes: Sequence[str] = ()) -> "PromptModel":
+        """Load every selected fold. ``weights_prefix`` picks the UNet out of a combined (Track) state dict;
+        keys under ``other_prefixes`` belong to other parts and are ignored, any other key is an error."""
         fold_ids = select_folds(model_dir, folds)
         nets, axes = [], None
         config = None
@@ -60,8 +63,17 @@ class PromptModel:
             axes = mirror_axes_of(ckpt)
             if config is None:
                 config = load_model_config(model_dir, axes)
+            weights = ckpt["network_weights"]
+            if weights_prefix:
+                foreign = [k for k in weights if not k.startswith((weights_prefix, *other_prefixes))]
+                if foreign:
+                    raise CheckpointError(f"{ckpt['_path']} holds keys that belong to no part of a {kind} model "
+                                          f"(e.g. {foreign[:3]}): not a LesionLocator {kind} checkpoint")
+                weights = {k[len(weights_prefix):]: v for k, v in weights.items() if k.startswith(weights_prefix)}
+                if not weights:
+                    raise CheckpointError(f"{ckpt['_path']} has no '{weights_prefix}*' weights")
             net = build_network(config, config.image_channels + 1)
-            load_weights_strict(net, ckpt["network_weights"], ckpt["_path"])
+            load_weights_strict(net, weights, ckpt["_path"])
             nets.append(set_inference_mode(net).to(device))
             del ckpt
         assert config is not None
@@ -159,6 +171,8 @@ class LesionSegmenter:
 
     # -- image ------------------------------------------------------------------------------
     def set_image(self, image: Volume | str | os.PathLike) -> None:
+        if self._state is not None and image is self._state.image:
+            return  # same object: keep the cached grids
         if not isinstance(image, Volume):
             image = read_image(image)
         arr = image.array
@@ -274,19 +288,30 @@ class LesionSegmenter:
 
     # -- inference ------------------------------------------------------------------------------
     def _segment_one(self, lid: int, prompt: Prompt, kind: str, return_probabilities: bool) -> LesionMask:
+        grid = self.grid(kind)
+        enc = encode_prompt(prompt, grid, kind)
+        return self.predict_encoded(lid, kind, enc, None, return_probabilities, _prompt_center(prompt))
+
+    def add_model(self, model: PromptModel) -> None:
+        """Use an already loaded model under its kind (the tracker's refinement UNet)."""
+        self._models[model.kind] = model
+
+    def predict_encoded(self, lid: int, kind: str, enc: EncodedPrompt, tiles=None, return_probabilities: bool = False,
+                        center: tuple[float, float, float] | None = None) -> LesionMask:
+        """Run the ``kind`` model on an encoded prompt (default tiles: the published placement) and export
+        the result to the current image's grid."""
         t0 = time.perf_counter()
         model = self.model(kind)
         grid = self.grid(kind)
-        enc = encode_prompt(prompt, grid, kind)
         lo, hi = enc.bbox_incl
         pad = np.asarray(grid.pad_below)
-        tiles = tiles_for_prompt(grid.padded_shape, model.config.patch_size, np.asarray(lo) + pad,
-                                 np.asarray(hi) + pad)
+        if tiles is None:
+            tiles = tiles_for_prompt(grid.padded_shape, model.config.patch_size, np.asarray(lo) + pad,
+                                     np.asarray(hi) + pad)
         self.last_debug[lid] = LesionDebug(enc.sparse, enc.voxels(), [lo, hi], list(grid.padded_shape),
                                            [[list(ax) for ax in t] for t in tiles])
         logits, values_box = self._predict_region(model, grid, enc, tiles)
         out_box = grid.backward.valid_output_box(values_box)
-        center = _prompt_center(prompt)
         if out_box is None:
             return LesionMask(lid, (0, 0, 0, 0, 0, 0), np.zeros((0, 0, 0), bool), None, "not found", center)
         vals, _ = grid.backward.prob_region(logits, values_box, out_box)

@@ -57,3 +57,37 @@ def _balance_head(net: torch.nn.Module, config, seed: int) -> None:
     d = net(x)[0]
     d = (d[1] - d[0]).flatten()
     head.bias[1] -= torch.quantile(d, 0.66)
+
+
+def write_random_track_checkpoint(root: str | Path, patch_size: Sequence[int] = (32, 48, 48),
+                                  spacing: Sequence[float] = (1.0, 0.8, 0.8),
+                                  features_per_stage: Sequence[int] = (2, 4, 8, 8),
+                                  n_blocks_per_stage: Sequence[int] | None = (1, 1, 1, 1),
+                                  registration_size: Sequence[int] = (65, 65, 65), folds: Sequence[int] = (0,),
+                                  seed: int = 0, resampling: str = "torch") -> Path:
+    """``root/LesionLocatorCheckpoint/LesionLocatorTrack`` with the published key layout
+    (``reg_net.*`` uniGradICON, ``unet.*`` 2-channel ResEnc UNet, buffer ``unet_patch_size``).
+
+    ``registration_size`` (plans field ``registration_input_size``; the published weights use 175^3)
+    may be reduced for tests; the registration net's last layer is zero at initialisation, so a random
+    checkpoint registers with the identity transform.
+    """
+    from .registration_net import build_registration_network
+
+    root = Path(root)
+    plans = make_plans(patch_size, spacing, features_per_stage, n_blocks_per_stage, resampling,
+                       dataset_name="LesionLocatorTrack")
+    plans["configurations"]["3d_fullres"]["registration_input_size"] = [int(s) for s in registration_size]
+    dataset = make_dataset_json()
+    config = config_from_dicts(plans, dataset)
+    model_dir = root.joinpath("LesionLocatorCheckpoint", *MODEL_SUBDIRS["track"])
+    for fold in folds:
+        torch.manual_seed(seed + fold)
+        unet = build_network(config, config.image_channels + 1)
+        _balance_head(unet, config, seed + fold)
+        reg = build_registration_network((1, 1, *registration_size))
+        weights = {f"reg_net.{k}": v for k, v in reg.state_dict().items()}
+        weights.update({f"unet.{k}": v for k, v in unet.state_dict().items()})
+        weights["unet_patch_size"] = torch.tensor(config.patch_size, dtype=torch.int64)
+        write_checkpoint(model_dir, plans, dataset, fold, weights, trainer_name="LesionLocatorTrainerTrack")
+    return root
