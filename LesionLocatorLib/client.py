@@ -92,6 +92,10 @@ def _error_from_response(resp: Any, url: str) -> ServerError:
     return ServerInternalError(text, status, code, url)
 
 
+class _UploadTooLarge(Exception):
+    """Internal: the upload stream passed the server's advertised limit."""
+
+
 class LesionLocatorClient:
     """Remote twin of :class:`LesionLocatorLib.segmenter.LesionSegmenter` (one server session per client)."""
 
@@ -232,6 +236,12 @@ class LesionLocatorClient:
         except RequestRejected as exc:
             if exc.code != "image_not_cached":
                 raise
+        caps = self.capabilities or {}
+        raw_cap, upload_cap = caps.get("max_cache_bytes"), caps.get("max_upload_bytes")
+        if isinstance(raw_cap, int) and volume.array.nbytes > raw_cap:
+            raise RequestRejected(f"the image ({volume.array.nbytes / 2**20:.0f} MiB) is larger than the server's "
+                                  f"image cache ({raw_cap / 2**20:.0f} MiB): start it with a larger --max-cache-mb",
+                                  code="image_too_large", url=self.url)
         stream = iter_encode_volume(volume, level=self.compression_level, volume_hash=digest,
                                     threads=self.upload_threads)
         sent = [0]
@@ -239,10 +249,18 @@ class LesionLocatorClient:
         def counted():  # noqa: ANN202 - generator: streamed with chunked transfer encoding
             for piece in stream:
                 sent[0] += len(piece)
+                if isinstance(upload_cap, int) and sent[0] > upload_cap:
+                    # stop here: the server would refuse it, and a refused stream can end as a reset connection
+                    raise _UploadTooLarge()
                 yield piece
 
-        info = self._request("PUT", f"{API}/sessions/{sid}/image", data=counted(),
-                             headers={"Content-Type": VOLUME_MEDIA_TYPE})
+        try:
+            info = self._request("PUT", f"{API}/sessions/{sid}/image", data=counted(),
+                                 headers={"Content-Type": VOLUME_MEDIA_TYPE})
+        except _UploadTooLarge:
+            raise RequestRejected(f"the compressed image exceeds the server's upload limit of "
+                                  f"{upload_cap / 2**20:.0f} MiB: start it with a larger --max-upload-mb",  # type: ignore[operator]
+                                  code="payload_too_large", url=self.url) from None
         self.last_request_bytes = sent[0]
         if info.get("image") != digest:
             raise ProtocolMismatch(f"server stored the image under hash {info.get('image')}, expected {digest}")

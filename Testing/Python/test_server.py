@@ -389,6 +389,11 @@ def test_bad_uploads(srv):
     h = json.dumps(dict(header, shape=[4000, 4000, 4000], raw_nbytes=2 * 4000**3)).encode()
     r = put(b"LLV1" + struct.pack("<I", len(h)) + h)
     assert r.status_code == 413
+    # the client knows the limits from the capabilities and stops early with a clear message
+    with LesionLocatorClient(srv.url, token=TOKEN_A) as c:
+        with pytest.raises(RequestRejected, match="upload limit of 1 MiB"):
+            c.set_image(Volume(np.random.default_rng(0).integers(-1000, 1000, (40, 100, 200)).astype(np.int16)))
+        assert c.image is None and c.uploads == 0
     # after all that the session has no image, and a good upload still works
     assert raw(srv, "GET", f"/v1/sessions/{sid}").json()["uploads"] == 0
     assert put(good).status_code == 200
@@ -522,6 +527,8 @@ def test_server_expires_idle_sessions_and_bounds_memory(checkpoint):
             clients[0].undo()  # undo history does not survive eviction, and is not silently replaced
         # a click still works: the client re-uploads transparently
         assert clients[0].segment(points={1: (10, 10, 10)}).lesions[1] is not None
+        with pytest.raises(RequestRejected, match="larger than the server's image cache"):
+            clients[1].set_image(ct(shape=(40, 80, 80), seed=13))  # 0.49 MiB > 0.35 MiB
         for c in clients:
             c.close()
     finally:
