@@ -158,9 +158,8 @@ def _demons(
     """Residual displacement field (fixed grid, mm, x-y-z) after the affine: moving(affine(x + d(x))) ~ fixed(x).
 
     Symmetric-forces demons at two levels (2x coarser, then the coarse grid itself, or a grid of at most about
-    ``max_voxels`` voxels). Where the baseline does not
-    cover the follow-up the fixed image is replaced by the warped moving image, so the field-of-view edge exerts
-    no force.
+    ``max_voxels`` voxels). Where the baseline does not cover the follow-up, the fixed image is replaced by the
+    warped moving image, so the edge of the baseline's field of view exerts no force.
     """
     resampler = sitk.ResampleImageFilter()
     resampler.SetReferenceImage(fixed)
@@ -173,9 +172,10 @@ def _demons(
     ones.CopyInformation(moving)
     resampler.SetDefaultPixelValue(0.0)
     inside = sitk.Cast(resampler.Execute(ones) > 0.999, sitk.sitkFloat32)
+    # No histogram matching: CT intensities are calibrated (HU), and matching histograms of scans with different
+    # fields of view shifts the soft-tissue range that the lesion boundaries depend on.
+    matched = warped
     target = fixed * inside + warped * (1.0 - inside)
-    matched = sitk.HistogramMatching(warped, target, numberOfHistogramLevels=128, numberOfMatchPoints=16,
-                                     thresholdAtMeanIntensity=False)
 
     disp: sitk.Image | None = None
     # Demons cost grows with the grid: the finest level is capped at ~max_voxels (large scans: a coarser field).
@@ -242,7 +242,7 @@ def classical_transform(
     *,
     resolution_mm: float = 3.0,
     deformable: bool = True,
-    demons_sigma_mm: float = 6.0,
+    demons_sigma_mm: float = 9.0,
     threads: int = 2,
     seed: int = 12345,
     max_samples: int = 20_000,
@@ -345,7 +345,7 @@ def register_classical(
     *,
     resolution_mm: float = 3.0,
     deformable: bool = True,
-    demons_sigma_mm: float = 6.0,
+    demons_sigma_mm: float = 9.0,
     threads: int = 2,
     seed: int = 12345,
     min_overlap: float = 0.2,
