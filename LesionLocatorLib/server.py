@@ -88,6 +88,7 @@ class ServerConfig:
     max_cache_mb: float = 8192.0
     session_ttl_s: float = 3600.0
     max_queue: int = 64
+    upload_idle_timeout_s: float = 60.0
     max_json_mb: float = 64.0  # JSON requests (prompts, masks as packed crops) are small; uploads have their own cap
     warmup: bool = True
     tls_cert: Optional[str] = None
@@ -739,7 +740,16 @@ def create_app(cfg: ServerConfig, service: ModelService | None = None) -> Any:
         buf = bytearray()
         try:
             # decode in a side thread while the next bytes arrive (decompression overlaps the transfer).
-            async for chunk in request.stream():
+            chunks = request.stream().__aiter__()
+            while True:
+                try:
+                    # a stalled upload must not hold its slot (and a raw image of memory) forever
+                    chunk = await asyncio.wait_for(chunks.__anext__(), timeout=cfg.upload_idle_timeout_s)
+                except StopAsyncIteration:
+                    break
+                except asyncio.TimeoutError:
+                    raise ApiError(408, "upload_stalled", f"no upload data for {cfg.upload_idle_timeout_s:.0f} s; "
+                                   "the upload was dropped") from None
                 buf += chunk
                 if len(buf) >= 1 << 20:
                     data, buf = bytes(buf), bytearray()

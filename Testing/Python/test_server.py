@@ -718,3 +718,27 @@ def test_bad_track_requests(srv):
         assert r.status_code == status, (bad, r.text)
         assert r.json()["message"]
     assert raw(srv, "GET", f"/v1/sessions/{sid}", TOKEN_A, "tracker").json()["lesions"] == []
+
+
+def test_stalled_upload_is_dropped(checkpoint):
+    """A client that stops sending mid-upload gets a 408 and frees its upload slot."""
+    s = start(checkpoint, upload_idle_timeout_s=0.5)
+    try:
+        sid = requests.post(f"{s.url}/v1/sessions", timeout=10).json()["session_id"]
+        data = encode_volume(ct(seed=50))
+        sent = threading.Event()
+
+        def body():  # bounded: two pieces with a pause longer than the idle timeout in between
+            yield data[:100]
+            sent.set()
+            time.sleep(2.0)
+            yield data[100:]
+
+        r = requests.put(f"{s.url}/v1/sessions/{sid}/image", data=body(), timeout=10)
+        assert r.status_code == 408 and r.json()["error"] == "upload_stalled"
+        assert sent.is_set()
+        assert requests.get(f"{s.url}/v1/sessions/{sid}", timeout=10).json()["uploads"] == 0
+        r = requests.put(f"{s.url}/v1/sessions/{sid}/image", data=data, timeout=10)
+        assert r.status_code == 200
+    finally:
+        s.stop()
