@@ -174,7 +174,6 @@ def _demons(
     inside = sitk.Cast(resampler.Execute(ones) > 0.999, sitk.sitkFloat32)
     # No histogram matching: CT intensities are calibrated (HU), and matching histograms of scans with different
     # fields of view shifts the soft-tissue range that the lesion boundaries depend on.
-    matched = warped
     target = fixed * inside + warped * (1.0 - inside)
 
     disp: sitk.Image | None = None
@@ -186,7 +185,7 @@ def _demons(
         if shrink > 1 and min(fixed.GetSize()) < 4 * shrink:
             continue
         f = sitk.Shrink(target, [shrink] * 3) if shrink > 1 else target
-        m = sitk.Shrink(matched, [shrink] * 3) if shrink > 1 else matched
+        m = sitk.Shrink(warped, [shrink] * 3) if shrink > 1 else warped
         demons = sitk.FastSymmetricForcesDemonsRegistrationFilter()
         demons.SetNumberOfIterations(iterations)
         demons.SetSmoothDisplacementField(True)
