@@ -258,9 +258,10 @@ class LesionLocatorClient:
             info = self._request("PUT", f"{API}/sessions/{sid}/image", data=counted(),
                                  headers={"Content-Type": VOLUME_MEDIA_TYPE})
         except _UploadTooLarge:
-            raise RequestRejected(f"the compressed image exceeds the server's upload limit of "
-                                  f"{upload_cap / 2**20:.0f} MiB: start it with a larger --max-upload-mb",  # type: ignore[operator]
-                                  code="payload_too_large", url=self.url) from None
+            cap_mib = float(upload_cap) / 2**20  # type: ignore[arg-type]
+            raise RequestRejected(f"the compressed image exceeds the server's upload limit of {cap_mib:.0f} MiB: "
+                                  "start it with a larger --max-upload-mb", code="payload_too_large",
+                                  url=self.url) from None
         self.last_request_bytes = sent[0]
         if info.get("image") != digest:
             raise ProtocolMismatch(f"server stored the image under hash {info.get('image')}, expected {digest}")

@@ -32,7 +32,7 @@ from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Callable, Literal, Optional
+from typing import Annotated, Any, Callable, Optional
 
 import numpy as np
 from contextlib import asynccontextmanager
@@ -564,7 +564,8 @@ def _prompts_from_specs(specs: dict[str, PromptSpec], volume: Volume) -> dict[in
                 a, b = getattr(spec, kind)
                 p = box_from_world(a, b, volume, ras=kind.endswith("ras"))
             else:
-                p = Mask(decode_mask_prompt(spec.mask.model_dump(), volume.shape).astype(bool))  # type: ignore[union-attr]
+                assert spec.mask is not None
+                p = Mask(decode_mask_prompt(spec.mask.model_dump(), volume.shape).astype(bool))
             out[lid] = validate(p, volume.shape)
         except (PromptError, WireError) as exc:
             raise ApiError(422, "invalid_prompt", f"lesion {lid}: {exc}") from None
@@ -941,7 +942,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     tok.add_argument("--token", help="bearer token clients must send (prefer --token-file: argv is visible to others)")
     tok.add_argument("--token-file", help="file with one token per line (one per client identity)")
     parser.add_argument("--max-sessions", type=int, default=16, help="sessions alive at once (default 16)")
-    parser.add_argument("--max-upload-mb", type=float, default=1024.0, help="compressed upload cap in MiB (default 1024)")
+    parser.add_argument("--max-upload-mb", type=float, default=1024.0,
+                        help="compressed upload cap in MiB (default 1024)")
     parser.add_argument("--max-cache-mb", type=float, default=8192.0,
                         help="memory for cached images of all sessions in MiB (default 8192)")
     parser.add_argument("--session-ttl", type=float, default=3600.0, help="idle seconds before a session expires")

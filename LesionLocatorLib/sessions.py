@@ -181,7 +181,8 @@ class SessionStore:
         nbytes = int(volume.array.nbytes)
         if nbytes > self.max_bytes:
             raise CacheFull(
-                f"image of {nbytes / 2**20:.1f} MiB exceeds the server's cache budget of {self.max_bytes / 2**20:.1f} MiB"
+                f"image of {nbytes / 2**20:.1f} MiB exceeds the server's cache budget of "
+                f"{self.max_bytes / 2**20:.1f} MiB"
             )
         with self._lock:
             if session.id not in self._sessions:

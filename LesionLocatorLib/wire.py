@@ -348,7 +348,8 @@ class VolumeDecoder:
                 "bytes decoded and no end marker"
             )
         if self._pos != self._out.size:  # type: ignore[union-attr]
-            raise WireError(f"truncated volume stream: {self._pos} of {self._out.size} bytes")  # type: ignore[union-attr]
+            size = self._out.size  # type: ignore[union-attr]
+            raise WireError(f"truncated volume stream: {self._pos} of {size} bytes")
         self._hash_blocks(final=True)
         digest = self._hasher.hexdigest()
         if digest != self.header["hash"]:

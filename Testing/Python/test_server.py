@@ -221,7 +221,8 @@ def test_version_capabilities_and_openapi(srv):
     assert info["protocol"] == 1 and info["server"] == "lesionlocator"
     assert set(info["prompt_types"]) == {"point", "box", "mask"}
     assert info["device"] == "cpu" and "cpu" in info["devices"]
-    assert info["models"]["point"].startswith("point_optimized@") and info["models"]["box"].startswith("bbox_optimized@")
+    assert info["models"]["point"].startswith("point_optimized@")
+    assert info["models"]["box"].startswith("bbox_optimized@")
     assert info["auth"] is True and info["max_upload_bytes"] == 2**20
     spec = raw(srv, "GET", "/openapi.json").json()
     paths = spec["paths"]
@@ -245,7 +246,8 @@ def test_round_trip_equals_in_process(srv, reference):
         c.set_image(vol)
         assert c.uploads == 1
         clicks = [dict(points={1: (18, 22, 20)}), dict(points={1: (17.4, 20.6, 19)}),
-                  dict(boxes={2: (10, 26, 12, 30, 10, 28)}), dict(points={3: (5, 5, 5)}, boxes={4: (0, 8, 30, 44, 0, 9)})]
+                  dict(boxes={2: (10, 26, 12, 30, 10, 28)}),
+                  dict(points={3: (5, 5, 5)}, boxes={4: (0, 8, 30, 44, 0, 9)})]
         masks = []
         for click in clicks:
             remote = c.segment(**click)
@@ -295,7 +297,8 @@ def test_round_trip_equals_in_process(srv, reference):
         client_map = c.label_map()
         server_state = c.fetch_results()
         np.testing.assert_array_equal(server_state.label_map(), client_map)
-        info = raw(srv, "GET", f"/v1/sessions/{c.session_id}", client_key=c._http.headers["X-LesionLocator-Client"]).json()
+        key = c._http.headers["X-LesionLocator-Client"]
+        info = raw(srv, "GET", f"/v1/sessions/{c.session_id}", client_key=key).json()
         assert info["uploads"] == 1 and info["lesions"] == [1, 2, 3, 4, 5, 6]
 
 
@@ -336,7 +339,8 @@ def test_isolation_between_clients(srv):
     for token, key in [(TOKEN_B, "alice"), (TOKEN_A, "mallory"), (TOKEN_B, None)]:
         for method, path, kw in [("GET", f"/v1/sessions/{sid}", {}),
                                  ("GET", f"/v1/sessions/{sid}/results", {}),
-                                 ("POST", f"/v1/sessions/{sid}/segment", {"json": {"prompts": {"1": {"point": [1, 1, 1]}}}}),
+                                 ("POST", f"/v1/sessions/{sid}/segment",
+                                  {"json": {"prompts": {"1": {"point": [1, 1, 1]}}}}),
                                  ("POST", f"/v1/sessions/{sid}/undo", {}),
                                  ("POST", f"/v1/sessions/{sid}/image/reuse", {"json": {"hash": content_hash(vol)}}),
                                  ("PUT", f"/v1/sessions/{sid}/image", {"data": encode_volume(ct(seed=5))}),
@@ -511,8 +515,8 @@ def test_server_expires_idle_sessions_and_bounds_memory(checkpoint):
         c1.segment(points={1: (10, 10, 10)})
         sid1 = c1.session_id
         time.sleep(1.6)
-        r = requests.get(f"{s.url}/v1/sessions/{sid1}", headers={"X-LesionLocator-Client":
-                                                                 c1._http.headers["X-LesionLocator-Client"]}, timeout=10)
+        key = c1._http.headers["X-LesionLocator-Client"]
+        r = requests.get(f"{s.url}/v1/sessions/{sid1}", headers={"X-LesionLocator-Client": key}, timeout=10)
         assert r.status_code == 404
         # the client notices the lost session, re-creates it and re-uploads the image once
         c1.segment(points={1: (12, 10, 10)})
@@ -642,7 +646,8 @@ def test_fuzz_segment_bodies(srv, fuzz_session, body):
 
 @settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow,
                                                                   HealthCheck.function_scoped_fixture])
-@given(junk=st.binary(max_size=400), cut=st.integers(0, 2000), path=st.sampled_from(["image", "image/reuse", "segment"]))
+@given(junk=st.binary(max_size=400), cut=st.integers(0, 2000),
+       path=st.sampled_from(["image", "image/reuse", "segment"]))
 def test_fuzz_binary_and_other_endpoints(srv, fuzz_session, junk, cut, path):
     good = encode_volume(ct(shape=(6, 7, 8)))
     method = "PUT" if path == "image" else "POST"
