@@ -13,6 +13,17 @@ Design, in short:
   stay under a memory budget (least recently used sessions are evicted first).
 - Every error is a JSON body ``{"error": code, "message": text}`` with a 4xx/5xx status;
   a crash inside inference is a 500 and the server keeps serving.
+
+Endpoints (all under /v1, OpenAPI at /openapi.json and /docs):
+  GET  health | version                      liveness; version, protocol, models, prompt types, devices
+  POST sessions -> {session_id}             DELETE / GET sessions/{id}
+  POST sessions/{id}/image/reuse {hash}      select an image the server holds (404 image_not_cached)
+  PUT  sessions/{id}/image  <volume stream>  upload (wire.iter_encode_volume)
+  POST sessions/{id}/segment {prompts}       -> mask bundle of the changed lesions
+  POST sessions/{id}/track {baseline, followups, prompts | use_results}
+                                             -> bundles: baseline, then one per follow-up
+  POST sessions/{id}/undo                    -> mask bundle of what the undo changed
+  GET  sessions/{id}/results?image=HASH      -> every current mask of an image
 """
 from __future__ import annotations
 
