@@ -34,7 +34,7 @@ from LesionLocatorLib.client import (
 from LesionLocatorLib.geometry import Volume
 from LesionLocatorLib.prompts import Box, Point
 from LesionLocatorLib.segmenter import LesionSegmenter
-from LesionLocatorLib.tiny_model import write_random_checkpoint
+from LesionLocatorLib.tiny_model import write_random_checkpoint, write_random_track_checkpoint
 
 REPO = Path(__file__).resolve().parents[2]
 TOKEN = "client-test-token-0123456789"
@@ -48,10 +48,15 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
-    """A tiny random-weight package in the published layout (LesionLocatorCheckpoint/LesionLocatorSeg/
-    {point,bbox}_optimized): patch 32^3, features (2, 4, 8), fold 0; heads balanced so masks respond to prompts."""
-    return write_random_checkpoint(tmp_path_factory.mktemp("ckpt"), patch_size=(32, 32, 32), spacing=(1.0, 1.0, 1.0),
-                                   features_per_stage=(2, 4, 8), n_blocks_per_stage=(1, 1, 1), seed=1)
+    """A tiny random-weight package in the published layout with all three models: point, box and Track
+    (uniGradICON at its smallest input, 65^3, + a tiny 2-channel UNet), so the server tracks the published way."""
+    root = tmp_path_factory.mktemp("ckpt")
+    write_random_checkpoint(root, patch_size=(32, 32, 32), spacing=(1.0, 1.0, 1.0), features_per_stage=(2, 4, 8),
+                            n_blocks_per_stage=(1, 1, 1), seed=1)
+    write_random_track_checkpoint(root, patch_size=(32, 32, 32), spacing=(1.0, 1.0, 1.0),
+                                  features_per_stage=(2, 4, 8), n_blocks_per_stage=(1, 1, 1),
+                                  registration_size=(65, 65, 65), seed=1)
+    return root
 
 
 def ct(shape=(30, 40, 36), seed=0) -> Volume:
@@ -120,6 +125,35 @@ def test_separate_process_round_trip(server, checkpoint):
         with pytest.raises(RequestRejected, match="outside the image"):
             c.segment(points={5: (99, 0, 0)})
         assert sorted(c.lesions) == [1, 2]
+
+
+def lung_ct(seed: int, shift: int = 0) -> Volume:
+    r = np.random.default_rng(seed)
+    a = r.normal(-700, 50, (30, 48, 44))
+    zz, yy, xx = np.indices(a.shape)
+    a[((zz - 15) ** 2 / 36 + (yy - 24 - shift) ** 2 / 64 + (xx - 22) ** 2 / 49) < 1] = 40
+    return Volume(a.astype(np.int16), spacing=(2.0, 1.0, 1.0))
+
+
+def test_separate_process_learned_tracking(server, checkpoint):
+    """With a LesionLocatorTrack model the server tracks the published way (registration net + Track UNet),
+    and its answer equals the in-process LesionTracker's."""
+    from LesionLocatorLib.tracker import LesionTracker
+
+    base, fu1, fu2 = lung_ct(1), lung_ct(2, 2), lung_ct(3, 3)
+    local = LesionTracker.from_checkpoint(checkpoint, device="cpu")
+    assert (local.propagation, local.refine) == ("learned", "unet")
+    expected = local.track(base, [fu1, fu2], {1: Point((15.0, 24.0, 22.0)), 2: Box((10, 20, 16, 32, 14, 30))})
+    with LesionLocatorClient(server.url, token=TOKEN) as c:
+        assert c.capabilities["tracking_method"] == {"propagation": "learned", "refine": "unet"}
+        assert c.capabilities["models"]["track"].startswith("LesionLocatorTrack@")
+        got = c.track(base, [fu1, fu2], points={1: (15, 24, 22)}, boxes={2: (10, 20, 16, 32, 14, 30)})
+    for g, e in zip(got, expected):
+        assert set(g.lesions) == set(e.lesions) == {1, 2}
+        for lid in e.lesions:
+            assert g.lesions[lid].status == e.lesions[lid].status
+            np.testing.assert_array_equal(g.lesions[lid].full(g.shape), e.lesions[lid].full(e.shape))
+    assert any(not les.empty for les in got[-1].lesions.values())
 
 
 def test_server_killed_mid_request(checkpoint, tmp_path):
