@@ -49,6 +49,7 @@ class _Registration:
     deformation: Any
     space: str  # 'preprocessed' (learned) or 'original' (classical)
     seconds: float
+    pair: tuple[int, int] = (0, 1)  # (moving scan index, fixed scan index); 0 = baseline
 
 
 class LesionTracker:
@@ -155,15 +156,15 @@ class LesionTracker:
         ref = images[0]
         extent0 = np.array(ref.shape) * np.array(ref.spacing)
         for i, im in enumerate(images[1:], start=1):
-            lo = np.percentile(im.array[::4, ::4, ::4], 1)
-            if lo > -20 and np.percentile(ref.array[::4, ::4, ::4], 1) < -500:
-                raise TrackingError(f"follow-up {i} does not look like a CT in HU (1st percentile {lo:.0f}) while "
-                                    "the baseline does: baseline and follow-up must be the same modality")
             extent = np.array(im.shape) * np.array(im.spacing)
             ratio = np.max(np.maximum(extent, extent0) / np.maximum(np.minimum(extent, extent0), 1e-6))
             if ratio > 8:
                 raise TrackingError(f"follow-up {i} covers a field of view {extent.round()} mm vs the baseline's "
                                     f"{extent0.round()} mm: too different to track between")
+            lo = np.percentile(im.array[::4, ::4, ::4], 1)
+            if lo > -20 and np.percentile(ref.array[::4, ::4, ::4], 1) < -500:
+                raise TrackingError(f"follow-up {i} does not look like a CT in HU (1st percentile {lo:.0f}) while "
+                                    "the baseline does: baseline and follow-up must be the same modality")
 
     # -- public API -----------------------------------------------------------------------------
     def track(self, baseline: Volume | str | os.PathLike, followups: Sequence[Volume | str | os.PathLike],
@@ -266,7 +267,7 @@ class LesionTracker:
 
             prop = LearnedPropagator(self._reg_net, self.device)
             d = prop.register(self._preprocessed(a), self._preprocessed(b))
-            reg = _Registration(d, "preprocessed", time.perf_counter() - t0)
+            reg = _Registration(d, "preprocessed", time.perf_counter() - t0, (a, b))
         else:
             from .classical_registration import ClassicalPropagator
 
@@ -274,7 +275,7 @@ class LesionTracker:
                 d = ClassicalPropagator(**self.classical_options).register(self._images[a], self._images[b])
             except ValueError as exc:
                 raise TrackingError(f"registration of scan {a} to scan {b} failed: {exc}") from exc
-            reg = _Registration(d, "original", time.perf_counter() - t0)
+            reg = _Registration(d, "original", time.perf_counter() - t0, (a, b))
         log.info("registration %d -> %d (%s): %.2f s", a, b, self.propagation, reg.seconds)
         self.registrations.append(reg)
         return reg
