@@ -200,6 +200,8 @@ def _register_optional() -> None:
         ("evaluate", "evaluate", "score predictions against ground-truth instance maps"),
         ("serve", "server", "run the LesionLocator inference server"),
         ("demo", "demo", "phantom baseline + follow-up: segment, track, report (no download needed)"),
+        ("report", "report", "longitudinal report (volumes, diameters, RECIST) from label maps"),
+        ("register", "classical_registration", "warp a baseline mask onto a follow-up by classical registration"),
     ):
         if importlib.util.find_spec(f"LesionLocatorLib.{module}") is not None:
             COMMANDS[name] = (help_text, *_lazy(module))
