@@ -184,6 +184,8 @@ class LesionSegmenter:
             raise GeometryError("image contains NaN or infinite values")
         self._state = _ImageState(image)
         self.last_debug = {}
+        for kind in self._models:  # crop box and resampling grid now, not on the first click
+            self.grid(kind)
 
     @property
     def image(self) -> Volume:
