@@ -289,7 +289,7 @@ def test_library_import_path_setup_finds_the_checkout():
     assert "_ensureLibraryImportable" in MODULE_PY.read_text(encoding="utf-8")
 
 
-@pytest.mark.parametrize("path", ["LesionLocator/README_SLICER.md"])
+@pytest.mark.parametrize("path", ["README.md"])
 def test_docs_exist(path):
     text = (REPO / path).read_text(encoding="utf-8")
     for needle in ("Extension", "PyTorch", "--no-main-window", "server", "licen"):
