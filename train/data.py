@@ -215,10 +215,11 @@ def rank_rng(seed: int, rank: int = 0, epoch: int = 0) -> np.random.Generator:
 
 
 class CaseSampler:
-    """Draws (case, lesion id): a dataset (weights per dataset: 'sqrt' = 1/sqrt(size), or 'uniform' over
-    images), an image of it, then one lesion instance uniformly."""
+    """Draws (case, lesion id): a dataset (weights per dataset: 'sqrt' = 1/sqrt(size), 'uniform' over
+    images, or an explicit {dataset: weight}), an image of it, then one lesion instance uniformly."""
 
-    def __init__(self, cases: Sequence[Case], weighting: str = "uniform", require_lesions: bool = True,
+    def __init__(self, cases: Sequence[Case], weighting: str | Mapping[str, float] = "uniform",
+                 require_lesions: bool = True,
                  min_lesion_voxels: int = 0):
         if min_lesion_voxels > 0:  # lesions smaller than this (on the model grid) are not drawn
             cases = [filter_lesions(c, min_lesion_voxels) for c in cases]
@@ -229,7 +230,13 @@ class CaseSampler:
         for c in self.cases:
             self.by_ds.setdefault(c.dataset, []).append(c)
         self.names = sorted(self.by_ds)
-        if weighting == "sqrt":
+        if isinstance(weighting, Mapping):  # explicit dataset weights (normalised)
+            missing = [k for k in self.names if k not in weighting]
+            if missing:
+                raise TrainDataError(f"no sampling weight for dataset(s) {missing}")
+            total = float(sum(weighting[k] for k in self.names))
+            probs = {k: float(weighting[k]) / total for k in self.names}
+        elif weighting == "sqrt":
             probs = dataset_probabilities({k: len(v) for k, v in self.by_ds.items()})
         elif weighting == "uniform":
             n = len(self.cases)
@@ -343,7 +350,10 @@ def make_sample(case: Case, lesion: int, kind: str, patch: Sequence[int], rng: n
                 augment: bool = False, aug_seed: int | None = None) -> Sample:
     """One training sample for ``lesion`` of ``case``: the prompt is simulated on the whole case, the patch of
     the plans' patch size is placed around the lesion (random offset), optionally read at a zoom (scale < 1
-    magnifies) and augmented with the published batchgeneratorsv2 pipeline (train/synthesize.py)."""
+    magnifies) and augmented with the published batchgeneratorsv2 pipeline (train/synthesize.py).
+
+    The prompt is zoomed together with the image: with scale s the point ball has radius 5/s voxels (s = 1,
+    the default, is exactly the inference encoding); the zoom thus also jitters the prompt size."""
     box = np.asarray(case.lesion_boxes[lesion]).reshape(3, 2)
     p = np.asarray(patch)
     s = float(rng.uniform(*scale_range)) if scale_range != (1.0, 1.0) else 1.0

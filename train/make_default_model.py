@@ -6,7 +6,8 @@
 Stages:
 1. ``train``: one small promptable ResEnc UNet trained with this project's segmentation trainer
    (``train.trainer_segment``) on phantoms (``LesionLocatorLib.phantom``) plus the real DeepLesion cases of
-   ``<data>/cases.json``, prompts mixed (point or box per sample).
+   ``<data>/cases.json``, prompts mixed (point or box per sample); phase 2 continues it with stronger
+   magnification and more real lesions (``--finetune-epochs``).
 2. ``export``: the final weights (stored as float16) into the published layout
    ``<output>/LesionLocatorCheckpoint/LesionLocatorSeg/{point_optimized,bbox_optimized}/`` - the same
    network in both folders (one model trained with both prompt types).
@@ -36,7 +37,7 @@ from LesionLocatorLib.plans import config_from_dicts, make_dataset_json, make_pl
 
 from . import data as D
 from .baseline import region_grow
-from .trainer_segment import SegmentConfig, SegmentTrainer
+from .trainer_segment import SegmentConfig, SegmentTrainer, half_weights
 
 PACKAGE_DIR = Path(__file__).resolve().parents[1] / "LesionLocatorLib" / "default_model"
 TRAIN_DATASETS = ("deeplesion",)  # real cases used for training
@@ -51,6 +52,10 @@ BLOCKS = (1, 1, 2, 2, 2)
 # up to ~2x their size, and lesions below MIN_LESION_VOXELS (smaller than the 11-voxel prompt ball) are skipped.
 SCALE_RANGE = (0.45, 1.1)
 MIN_LESION_VOXELS = 150
+# Phase 2 (fine-tuning of phase 1): lesions shown 1.1-4x magnified, DeepLesion drawn 30% of the time.
+FT_SCALE_RANGE = (0.25, 0.9)
+FT_LR = 3e-3
+FT_WEIGHTS = {"phantom": 0.7, "deeplesion": 0.3}
 
 
 def default_plans() -> dict:
@@ -78,7 +83,7 @@ def real_cases(data_root: Path) -> list[dict]:
 
 # ----------------------------------------------------------------------------------------------------------
 def train(work: Path, data_root: Path, epochs: int, iters: int, phantoms: int, seed: int, batch_size: int,
-          resume: bool) -> Path:
+          resume: bool, finetune_epochs: int = 0) -> Path:
     plans = default_plans()
     config = config_from_dicts(plans, make_dataset_json())
     cache = work / "preprocessed"
@@ -95,15 +100,31 @@ def train(work: Path, data_root: Path, epochs: int, iters: int, phantoms: int, s
         print(f"resumed at epoch {trainer.start_epoch}", flush=True)
     final = trainer.run()
     assert final is not None
+    if finetune_epochs <= 0:
+        return final
+    # Phase 2: the phase-1 model under-segments large lesions with point prompts (phantom lesions are
+    # 5-30 mm): continue with stronger magnification and a larger share of real lesions.
+    cfg2 = SegmentConfig(output=work / "model_ft", plans=plans, prompt="mixed", epochs=finetune_epochs,
+                         iters_per_epoch=iters, val_samples=8, batch_size=batch_size, lr=FT_LR, seed=seed + 1,
+                         device="cpu", max_offset=0.15, scale_range=FT_SCALE_RANGE, augment_prob=0.25,
+                         weighting=FT_WEIGHTS, min_lesion_voxels=MIN_LESION_VOXELS, fp16_weights=True)
+    trainer2 = SegmentTrainer(cfg2, train_cases, val_cases)
+    if not (resume and trainer2.try_resume()):
+        latest = torch.load(work / "model" / "fold_0" / "checkpoint_latest.pth", map_location="cpu",
+                            weights_only=False)
+        trainer2.model.load_state_dict(latest["network_weights"])  # full float32 weights of phase 1
+    final = trainer2.run()
+    assert final is not None
     return final
 
 
 def export(work: Path, output: Path) -> list[Path]:
     """Copy the trained model into the package layout (float16 weights, no optimizer state)."""
-    src = work / "model" / "fold_0" / "checkpoint_final.pth"
+    model = work / "model_ft" if (work / "model_ft" / "fold_0" / "checkpoint_final.pth").is_file() else work / "model"
+    src = model / "fold_0" / "checkpoint_final.pth"
     ckpt = torch.load(src, map_location="cpu", weights_only=False)
-    plans = json.loads((work / "model" / "plans.json").read_text())
-    weights = {k: v.half() if v.is_floating_point() else v for k, v in ckpt["network_weights"].items()}
+    plans = json.loads((model / "plans.json").read_text())
+    weights = half_weights(ckpt["network_weights"])
     root = output / "LesionLocatorCheckpoint" / "LesionLocatorSeg"
     paths = []
     for sub in ("point_optimized", "bbox_optimized"):
@@ -113,9 +134,11 @@ def export(work: Path, output: Path) -> list[Path]:
                                       "LesionLocatorTrainerSegment", (0, 1, 2),
                                       extra={"current_epoch": ckpt.get("current_epoch"),
                                              "train_config": ckpt.get("train_config", {})}))
-    shutil.copy(work / "model" / "fold_0" / "training_log.jsonl", output / "training_log.jsonl")
-    if (work / "model" / "fold_0" / "progress.png").is_file():
-        shutil.copy(work / "model" / "fold_0" / "progress.png", output / "training_progress.png")
+    for sub, suffix in (("model", ""), ("model_ft", "_phase2")):
+        if (work / sub / "fold_0" / "training_log.jsonl").is_file():
+            shutil.copy(work / sub / "fold_0" / "training_log.jsonl", output / f"training_log{suffix}.jsonl")
+        if (work / sub / "fold_0" / "progress.png").is_file():
+            shutil.copy(work / sub / "fold_0" / "progress.png", output / f"training_progress{suffix}.png")
     return paths
 
 
@@ -206,6 +229,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--iters", type=int, default=25)
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--phantoms", type=int, default=30)
+    parser.add_argument("--finetune-epochs", type=int, default=15, help="phase 2 epochs (0: none)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--resume", action="store_true")
@@ -219,7 +243,8 @@ def run(args: argparse.Namespace) -> int:
     args.work.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     if args.stage in ("all", "train"):
-        train(args.work, args.data, args.epochs, args.iters, args.phantoms, args.seed, args.batch_size, args.resume)
+        train(args.work, args.data, args.epochs, args.iters, args.phantoms, args.seed, args.batch_size, args.resume,
+              args.finetune_epochs)
         print(f"training took {time.time() - t0:.0f} s", flush=True)
     if args.stage in ("all", "export"):
         args.output.mkdir(parents=True, exist_ok=True)

@@ -156,7 +156,7 @@ class SegmentConfig:
     max_offset: float = 0.15
     scale_range: tuple[float, float] = (1.0, 1.0)
     augment_prob: float = 0.0
-    weighting: str = "uniform"
+    weighting: Any = "uniform"  # 'uniform', 'sqrt' or {dataset: weight}
     min_lesion_voxels: int = 0
     grad_clip: float = 12.0
     fp16_weights: bool = False  # store checkpoint_final weights as float16 (small bundled models)
@@ -388,11 +388,27 @@ class SegmentTrainer(BaseTrainer):
     def write_final(self) -> Path:
         w = self.final_weights()
         if self.cfg.fp16_weights:
-            w = {k: v.half() if v.is_floating_point() else v for k, v in w.items()}
+            w = half_weights(w)
         return write_checkpoint(self.cfg.output, self.cfg.plans, make_dataset_json(), self.cfg.fold, w,
                                 self.cfg.trainer_name, self.cfg.mirror_axes,
                                 extra={"current_epoch": self.cfg.epochs, "logging": self.records,
                                        "train_config": _jsonable(asdict(self.cfg))})
+
+
+def half_weights(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """float16 copies that keep shared tensors shared (the ResEnc decoder holds the encoder: every encoder
+    weight appears under two keys, and converting each key separately would store it twice)."""
+    done: dict[int, torch.Tensor] = {}
+    out = {}
+    for k, v in weights.items():
+        if v.is_floating_point():
+            key = v.data_ptr()
+            if key not in done:
+                done[key] = v.detach().half()
+            out[k] = done[key]
+        else:
+            out[k] = v
+    return out
 
 
 def downsample(y: torch.Tensor, scales) -> list[torch.Tensor]:

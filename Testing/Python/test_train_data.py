@@ -140,3 +140,17 @@ def test_case_list_errors(tmp_path):
     assert entries[0]["image"] == tmp_path / "a.nii.gz" and entries[0]["name"] == "a"
     with pytest.raises(D.TrainDataError):
         D.load_case_files(entries, None, tmp_path)
+
+
+def test_case_sampler_explicit_weights_and_size_filter():
+    cases = [_case("a", "A", 2), _case("b", "B")]
+    cases[0].lesion_voxels.update({1: 10, 2: 500})
+    cases[1].lesion_voxels.update({1: 500})
+    s = D.CaseSampler(cases, {"A": 3.0, "B": 1.0}, min_lesion_voxels=100)
+    assert s.probs.tolist() == [0.75, 0.25]
+    rng = np.random.default_rng(0)
+    draws = [s.draw(rng) for _ in range(50)]
+    assert {lid for c, lid in draws if c.name == "a"} == {2}  # lesion 1 is too small
+    assert s.n_lesions == 2
+    with pytest.raises(D.TrainDataError):
+        D.CaseSampler(cases, {"A": 1.0})

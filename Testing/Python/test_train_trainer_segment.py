@@ -101,3 +101,15 @@ def test_init_from_pretrained_reinitialises_stem_and_head(cases, tmp_path):
 def test_bad_options(cases, tmp_path):
     with pytest.raises(TrainError):
         SegmentTrainer(_cfg(tmp_path / "x", prompt="scribble"), cases[:1])
+
+
+def test_half_weights_keep_shared_tensors_shared(cases, tmp_path):
+    from train.trainer_segment import half_weights
+
+    tr = SegmentTrainer(_cfg(tmp_path / "h"), cases[:1])
+    sd = tr.model.state_dict()
+    shared = "encoder.stem.convs.0.conv.weight"
+    assert sd[shared].data_ptr() == sd["decoder.encoder." + shared].data_ptr()
+    h = half_weights(sd)
+    assert h[shared].dtype == torch.float16
+    assert h[shared].data_ptr() == h["decoder.encoder." + shared].data_ptr()
