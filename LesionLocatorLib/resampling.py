@@ -88,10 +88,23 @@ def identity_plan(start: int, stop: int) -> AxisPlan:
     return AxisPlan(i[None], np.ones((1, i.size), np.float32), start, stop)
 
 
-def apply_plan(block: np.ndarray, axis: int, plan: AxisPlan, offset: int) -> np.ndarray:
-    """Interpolate ``block`` (whose index 0 along ``axis`` is global index ``offset``) along one axis."""
+def apply_plan(block, axis: int, plan: AxisPlan, offset: int):
+    """Interpolate ``block`` (whose index 0 along ``axis`` is global index ``offset``) along one axis.
+
+    ``block`` is a numpy array or a torch tensor (then computed on its device, in its dtype).
+    """
     shape = [1] * block.ndim
     shape[axis] = -1
+    if not isinstance(block, np.ndarray):
+        import torch
+
+        out = None
+        for k in range(plan.idx.shape[0]):
+            idx = torch.as_tensor(plan.idx[k] - offset, device=block.device)
+            w = torch.as_tensor(plan.weight[k], dtype=block.dtype, device=block.device).reshape(shape)
+            term = torch.index_select(block, axis, idx) * w
+            out = term if out is None else out + term
+        return out
     dtype = np.result_type(block.dtype, plan.weight.dtype)
     out = None
     for k in range(plan.idx.shape[0]):
@@ -171,22 +184,34 @@ class GridResampler:
         return tuple(p.src_range for p in self.linear_plans(box))  # type: ignore[return-value]
 
     # -- images ---------------------------------------------------------------------------
-    def image_region(self, source: np.ndarray, box: Box, normalize=None, slice_ranges=None) -> np.ndarray:
+    def image_region(self, source: np.ndarray, box: Box, normalize=None, slice_ranges=None, device=None):
         """Resampled image values on ``box`` of the destination grid.
 
         ``source`` is the whole (cropped) source array (may be a lazy view); ``normalize`` maps raw
         source values to float32 (applied only to the part read); ``slice_ranges`` gives the
         (min, max) of the *normalised* source used by skimage's output clipping for cubic scipy
-        resampling: per slice along the separate axis, or one global pair.
+        resampling: per slice along the separate axis, or one global pair. With ``device`` (a torch
+        device) the linear family runs in torch there and a tensor is returned (``normalize`` must then
+        accept and return tensors).
         """
-        norm = normalize or (lambda a: np.asarray(a, dtype=np.float32))
+        norm = normalize or (lambda a: a.float() if device is not None else np.asarray(a, dtype=np.float32))
         if self.spec.kind == "torch" or self.spec.order_data <= 1:
             plans = self.linear_plans(box)
             src = tuple(p.src_range for p in plans)
-            block = norm(source[tuple(slice(a, b) for a, b in src)])
-            out = separable(block, plans, [a for a, _ in src])
-            return out.astype(np.float32, copy=False)
-        return self._cubic_region(source, box, norm, slice_ranges)
+            raw = source[tuple(slice(a, b) for a, b in src)]
+            if device is not None:
+                import torch
+
+                raw = torch.from_numpy(np.ascontiguousarray(raw)).to(device)
+            out = separable(norm(raw), plans, [a for a, _ in src])
+            return out if device is not None else out.astype(np.float32, copy=False)
+        if device is None:
+            return self._cubic_region(source, box, norm, slice_ranges)
+        import torch  # a torch normaliser applied to the numpy blocks the spline code reads
+
+        out = self._cubic_region(source, box, lambda a: norm(torch.from_numpy(np.ascontiguousarray(a))).numpy(),
+                                 slice_ranges)
+        return torch.from_numpy(out).to(device)
 
     def _cubic_region(self, source: np.ndarray, box: Box, norm, slice_ranges) -> np.ndarray:
         order = self.spec.order_data
@@ -236,7 +261,7 @@ class GridResampler:
         return np.stack([planes[int(s)] for s in zp.idx[0]], axis=sep)
 
     # -- probabilities / logits -----------------------------------------------------------
-    def prob_region(self, values: np.ndarray, values_box: Box, box: Box) -> tuple[np.ndarray, np.ndarray]:
+    def prob_region(self, values, values_box: Box, box: Box) -> tuple[np.ndarray, np.ndarray]:
         """Resample channel-first ``values`` known on ``values_box`` of the source grid onto ``box``.
 
         Returns (resampled values, valid) where ``valid`` is False for output voxels that would
@@ -247,7 +272,12 @@ class GridResampler:
         clipped = []
         for p, (va, vb) in zip(plans, values_box):
             clipped.append(AxisPlan(np.clip(p.idx, va, vb - 1), p.weight, p.start, p.stop))
-        out = np.stack([separable(values[c], clipped, [va for va, _ in values_box]) for c in range(values.shape[0])])
+        offsets = [va for va, _ in values_box]
+        if isinstance(values, np.ndarray):
+            out = np.stack([separable(values[c], clipped, offsets) for c in range(values.shape[0])])
+        else:  # torch tensor: computed on its device, copied back once
+            out = separable(values, [identity_plan(0, values.shape[0])] + clipped, [0] + offsets, axis_order=(3, 2, 1))
+            out = out.float().cpu().numpy()
         valid = np.ones([b - a for a, b in box], dtype=bool)
         for ax, p in enumerate(plans):
             va, vb = values_box[ax]

@@ -337,39 +337,45 @@ class LesionSegmenter:
         return les
 
     def _predict_region(self, model: PromptModel, grid: PreprocessedGrid, enc: EncodedPrompt,
-                        tiles) -> tuple[np.ndarray, GridBox]:
-        """Logits on the covered part of the resampled grid, and that part's box."""
+                        tiles) -> tuple[torch.Tensor, GridBox]:
+        """Logits (float32 tensor on the model's device) on the covered part of the resampled grid, and
+        that part's box. Region preprocessing and tile blending run on the device too (GPU clicks do not
+        wait for CPU resampling)."""
         pad = grid.pad_below
         region_p = union_box(tiles)
         region_r = tuple((a - p, b - p) for (a, b), p in zip(region_p, pad))
         values_box = tuple((max(a, 0), min(b, n)) for (a, b), n in zip(region_r, grid.resampled_shape))
-        # network input on the union of tiles (zero outside the scan = nnU-Net's constant padding)
-        image = np.zeros([b - a for a, b in region_r], dtype=np.float32)
         st = self._state
         assert st is not None
+        dev = self.device
         src = st.image.array[tuple(slice(a, b) for a, b in grid.crop)]
         stats = model.config.ct_stats
-        values = grid.forward.image_region(src, values_box, lambda a: normalize_ct(a, stats), st.clip[model.kind])
-        image[tuple(slice(va - ra, vb - ra) for (va, vb), (ra, _) in zip(values_box, region_r))] = values
-        prompt = enc.on_box(region_r)
-        x_region = np.stack([image, prompt])
-        n_cls = model.config.num_classes
-        if len(tiles) == 1:
-            logits = self._predict_tile(model, x_region)
-        else:
-            gauss = gaussian_importance(tuple(model.config.patch_size))
-            acc = np.zeros((n_cls, *image.shape), dtype=np.float32)
-            weight = np.zeros(image.shape, dtype=np.float32)
-            for t in tiles:
-                sl = tuple(slice(a - ra, b - ra) for (a, b), (ra, _) in zip(t, region_p))
-                pred = self._predict_tile(model, x_region[(slice(None),) + sl])
-                acc[(slice(None),) + sl] += pred * gauss
-                weight[sl] += gauss
-            logits = acc / weight
-        crop = tuple(slice(va - ra, vb - ra) for (va, vb), (ra, _) in zip(values_box, region_r))
-        return np.ascontiguousarray(logits[(slice(None),) + crop]), values_box  # type: ignore[return-value]
 
-    def _predict_tile(self, model: PromptModel, x: np.ndarray) -> np.ndarray:
+        def normalize(t: torch.Tensor) -> torch.Tensor:  # nnU-Net CTNormalization, float32 as in numpy
+            return (t.float().clamp(stats.lower, stats.upper) - stats.mean) / max(stats.std, 1e-8)
+
+        with torch.inference_mode():
+            values = grid.forward.image_region(src, values_box, normalize, st.clip[model.kind], device=dev)
+            # network input on the union of tiles (zero outside the scan = nnU-Net's constant padding)
+            x_region = torch.zeros((2, *[b - a for a, b in region_r]), dtype=torch.float32, device=dev)
+            x_region[(0,) + tuple(slice(va - ra, vb - ra) for (va, vb), (ra, _) in zip(values_box, region_r))] = values
+            x_region[1] = torch.from_numpy(enc.on_box(region_r)).to(dev)
+            if len(tiles) == 1:
+                logits = self._predict_tile(model, x_region)
+            else:
+                gauss = torch.from_numpy(np.array(gaussian_importance(tuple(model.config.patch_size)))).to(dev)
+                acc = torch.zeros((model.config.num_classes, *x_region.shape[1:]), dtype=torch.float32, device=dev)
+                weight = torch.zeros(x_region.shape[1:], dtype=torch.float32, device=dev)
+                for t in tiles:
+                    sl = tuple(slice(a - ra, b - ra) for (a, b), (ra, _) in zip(t, region_p))
+                    pred = self._predict_tile(model, x_region[(slice(None),) + sl])
+                    acc[(slice(None),) + sl] += pred * gauss
+                    weight[sl] += gauss
+                logits = acc / weight
+            crop = tuple(slice(va - ra, vb - ra) for (va, vb), (ra, _) in zip(values_box, region_r))
+            return logits[(slice(None),) + crop].contiguous(), values_box  # type: ignore[return-value]
+
+    def _predict_tile(self, model: PromptModel, x: torch.Tensor) -> torch.Tensor:
         try:
             return self._forward(model, x)
         except RuntimeError as exc:
@@ -383,10 +389,10 @@ class LesionSegmenter:
             self.device = torch.device("cpu")
             for m in self._models.values():
                 m.networks = [n.to(self.device) for n in m.networks]
-            return self._forward(model, x)
+            return self._forward(model, x.to(self.device))
 
-    def _forward(self, model: PromptModel, x_np: np.ndarray) -> np.ndarray:
-        x = torch.from_numpy(x_np[None]).to(self.device)
+    def _forward(self, model: PromptModel, x_region: torch.Tensor) -> torch.Tensor:
+        x = x_region[None].to(self.device)
         axes = model.mirror_axes if self.tta else ()
         combos = [c for k in range(1, len(axes) + 1) for c in itertools.combinations([a + 2 for a in axes], k)]
         total = None
@@ -399,7 +405,7 @@ class LesionSegmenter:
                 total = pred if total is None else total + pred
             assert total is not None
             total /= len(model.networks)
-            return total[0].cpu().numpy()
+            return total[0]
 
 
 def _items(d) -> list[tuple[int, Any]]:
