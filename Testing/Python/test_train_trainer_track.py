@@ -75,6 +75,17 @@ def test_joint_training_writes_track_checkpoint(pairs, seg_model, tmp_path):
     net = load_track_network(out)
     assert not net.unet.decoder.deep_supervision
 
+    # the library's tracker loads the trained checkpoint unchanged and tracks a mask prompt
+    from LesionLocatorLib.phantom import make_phantom
+    from LesionLocatorLib.tracker import LesionTracker
+    from train.synthesize import synthesize_pair
+
+    ct, lab = make_phantom((40, 64, 64), (2.5, 2.0, 2.0), n_lesions=1, seed=11)
+    fu, _, _ = synthesize_pair(ct, lab, 3, augment=False)
+    tracker = LesionTracker.from_checkpoint(tmp_path, device="cpu")
+    results = tracker.track(ct, [fu], lab.array.astype(np.int32))
+    assert len(results) == 1 and set(results[0].lesions) == {1}
+
 
 def test_frozen_registration_segmentation_loss_decreases(pairs, tmp_path):
     cfg = TrackConfig(output=tmp_path / "t", plans=PLANS, epochs=1, iters_per_epoch=1, seed=0, device="cpu",
