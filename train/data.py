@@ -107,13 +107,13 @@ def cache_case(name: str, dataset: str, image: Volume, labels: Volume, config: M
             return load_cached(d, stem)
     img, seg = preprocess_case(image, labels, config)
     for suffix, arr in (("_image.npy", img), ("_labels.npy", seg)):
-        tmp = d / f".{stem}{suffix}.tmp.npy"
+        tmp = d / f".{stem}{suffix}.{os.getpid()}.tmp.npy"  # per process: DDP ranks may cache the same case
         np.save(tmp, arr)
         os.replace(tmp, d / f"{stem}{suffix}")
     boxes = _lesion_boxes(seg)
     meta = {"name": name, "dataset": dataset, "source_key": source_key, "shape": list(img.shape),
             "spacing": list(config.spacing), "lesion_boxes": {str(k): v for k, v in boxes.items()}}
-    tmp = d / f".{stem}.json.tmp"
+    tmp = d / f".{stem}.json.{os.getpid()}.tmp"
     tmp.write_text(json.dumps(meta))
     os.replace(tmp, meta_p)
     return load_cached(d, stem)

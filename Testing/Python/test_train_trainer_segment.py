@@ -109,7 +109,7 @@ def test_half_weights_keep_shared_tensors_shared(cases, tmp_path):
     tr = SegmentTrainer(_cfg(tmp_path / "h"), cases[:1])
     sd = tr.model.state_dict()
     shared = "encoder.stem.convs.0.conv.weight"
-    assert sd[shared].data_ptr() == sd["decoder.encoder." + shared].data_ptr()
+    assert sd[shared].data_ptr() == sd["decoder." + shared].data_ptr()
     h = half_weights(sd)
     assert h[shared].dtype == torch.float16
-    assert h[shared].data_ptr() == h["decoder.encoder." + shared].data_ptr()
+    assert h[shared].data_ptr() == h["decoder." + shared].data_ptr()
