@@ -63,7 +63,7 @@ def _read_json(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise PlansError(f"missing file: {path}")
     try:
-        return json.loads(path.read_text())
+        return json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise PlansError(f"{path} is not valid JSON: {exc}") from exc
 

@@ -171,7 +171,7 @@ def load_prompt_json(source: str | os.PathLike | Mapping[str, Any], image: Volum
     if not path.is_file():
         raise PromptError(f"prompt file not found: {path}")
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise PromptError(f"prompt file {path} is not valid JSON: {exc}") from exc
     return parse_prompts(data, image)

@@ -10,7 +10,6 @@ from train import data as D
 from train.pretrain import PretrainConfig, PretrainTrainer
 from train.trainer_segment import SegmentConfig, SegmentTrainer, init_from_pretrained
 
-torch.set_num_threads(1)
 PLANS = make_plans((32, 32, 32), (2.0, 2.0, 2.0), (2, 4, 8))
 
 

@@ -14,7 +14,6 @@ from train import data as D
 from train.trainer_segment import (LATEST, LOG_NAME, PLOT_NAME, SegmentConfig, SegmentTrainer, TrainError,
                                    init_from_pretrained, read_log)
 
-torch.set_num_threads(1)
 PLANS = make_plans((32, 32, 32), (2.0, 2.0, 2.0), (2, 4, 8))
 
 

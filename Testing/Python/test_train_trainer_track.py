@@ -14,7 +14,6 @@ from LesionLocatorLib.registration_net import build_registration_network, load_r
 from train.trainer_track import (REG_SIZE_KEY, TrackConfig, TrackTrainer, load_track_network, phantom_pairs,
                                  registration_input_size, track_plans)
 
-torch.set_num_threads(1)
 SEG_PLANS = make_plans((32, 32, 32), (2.0, 2.0, 2.0), (2, 4, 8))
 PLANS = track_plans(SEG_PLANS, (65, 65, 65))
 
