@@ -83,7 +83,7 @@ def add_segment_arguments(p: argparse.ArgumentParser) -> None:
 
 def _load_prompts(path: str, image, prompt_type: str | None):
     from .image_io import read_image
-    from .prompts import Box, Point, PromptError, load_prompt_json, prompts_from_label_map
+    from .prompts import Point, PromptError, load_prompt_json, prompts_from_label_map
 
     if path.lower().endswith(".json"):
         prompts = load_prompt_json(path, image)

@@ -25,7 +25,7 @@ from .geometry import GeometryError, Volume
 from .image_io import read_image
 from .network import build_network, set_inference_mode
 from .plans import ModelConfig, load_model_config
-from .preprocessing import PreprocessedGrid, clip_ranges, normalize_ct, plan_grid
+from .preprocessing import PreprocessedGrid, clip_ranges, plan_grid
 from .prompts import Box, EncodedPrompt, Mask, Point, Prompt, PromptError, encode_prompt, validate
 from .resampling import Box as GridBox
 from .results import LesionMask, SegmentationResult

@@ -23,15 +23,15 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from LesionLocatorLib.checkpoint import CheckpointError, write_checkpoint
+from LesionLocatorLib.checkpoint import write_checkpoint
 from LesionLocatorLib.network import build_network
 from LesionLocatorLib.plans import config_from_dicts, make_dataset_json
 
 from . import data as D
-from .distributed import autocast, cleanup, init_distributed, DistInfo
+from .distributed import DistInfo, autocast
 from .losses import build_segmentation_loss, downsample_targets
 from .trainer_segment import (BaseTrainer, TrainError, _jsonable, add_common_arguments, add_data_arguments,
-                              add_model_arguments, load_cases, plans_from_args)
+                              add_model_arguments, load_cases, plans_from_args, run_training)
 
 
 @dataclass
@@ -97,37 +97,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="share of patches centred on foreground (nnU-Net oversampling)")
 
 
+def _build(args: argparse.Namespace, info) -> "PretrainTrainer":
+    plans = plans_from_args(args)
+    config = config_from_dicts(plans, make_dataset_json())
+    cache = args.cache or (Path(args.output) / "preprocessed")
+    cases = load_cases(args, config, cache)
+    if not cases:
+        raise TrainError("no pretraining data: give --cases and/or --phantoms")
+    cfg = PretrainConfig(output=args.output, plans=plans, fold=args.fold, epochs=args.epochs,
+                         iters_per_epoch=args.iters, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                         foreground_prob=args.foreground_prob, device=str(info.device))
+    trainer = PretrainTrainer(cfg, cases, info)
+    if info.is_main:
+        probs = dict(zip(trainer.sampler.names, trainer.sampler.probs.round(4).tolist()))
+        print(f"dataset sampling probabilities (1/sqrt(size)): {probs}", flush=True)
+    return trainer
+
+
 def run(args: argparse.Namespace) -> int:
-    info = None
-    try:
-        if args.threads:
-            torch.set_num_threads(args.threads)
-        info = init_distributed(args.device)
-        plans = plans_from_args(args)
-        config = config_from_dicts(plans, make_dataset_json())
-        cache = args.cache or (Path(args.output) / "preprocessed")
-        cases = load_cases(args, config, cache)
-        if not cases:
-            raise TrainError("no pretraining data: give --cases and/or --phantoms")
-        cfg = PretrainConfig(output=args.output, plans=plans, fold=args.fold, epochs=args.epochs,
-                             iters_per_epoch=args.iters, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                             foreground_prob=args.foreground_prob, device=str(info.device))
-        trainer = PretrainTrainer(cfg, cases, info)
-        if info.is_main:
-            probs = dict(zip(trainer.sampler.names, trainer.sampler.probs.round(4).tolist()))
-            print(f"dataset sampling probabilities (1/sqrt(size)): {probs}", flush=True)
-        if args.resume and trainer.try_resume() and info.is_main:
-            print(f"resumed at epoch {trainer.start_epoch}", flush=True)
-        final = trainer.run()
-        if final is not None:
-            print(f"final checkpoint: {final}")
-        return 0
-    except (ValueError, OSError, CheckpointError) as exc:
-        print(f"train pretrain: error: {exc}", file=sys.stderr)
-        return 2
-    finally:
-        if info is not None:
-            cleanup(info)
+    return run_training("pretrain", args, _build)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -22,7 +22,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -502,27 +502,17 @@ def load_cases(args: argparse.Namespace, config, cache: Path, val: bool = False)
     return cases
 
 
-def run(args: argparse.Namespace) -> int:
+def run_training(name: str, args: argparse.Namespace, build: Callable[[argparse.Namespace, Any], Any]) -> int:
+    """The command-line driver every trainer shares: threads, process group, resume, run, clean errors.
+
+    ``build(args, info)`` returns the trainer for this rank.
+    """
     info = None
     try:
         if args.threads:
             torch.set_num_threads(args.threads)
         info = init_distributed(args.device)
-        plans = plans_from_args(args)
-        cfg = SegmentConfig(output=args.output, plans=plans, prompt=args.prompt, fold=args.fold, epochs=args.epochs,
-                            iters_per_epoch=args.iters, val_samples=args.val_samples, batch_size=args.batch_size,
-                            lr=args.lr, seed=args.seed, init=args.init, device=str(info.device),
-                            max_offset=args.max_offset, scale_range=tuple(args.scale),
-                            augment_prob=args.augment_prob, weighting=args.weighting,
-                            min_lesion_voxels=args.min_lesion_voxels,
-                            fp16_weights=args.fp16_weights)
-        config = config_from_dicts(plans, make_dataset_json())
-        cache = args.cache or (Path(args.output) / "preprocessed")
-        train_cases = load_cases(args, config, cache)
-        if not train_cases:
-            raise TrainError("no training data: give --cases and/or --phantoms")
-        val_cases = load_cases(args, config, cache, val=True)
-        trainer = SegmentTrainer(cfg, train_cases, val_cases, info)
+        trainer = build(args, info)
         if args.resume and trainer.try_resume() and info.is_main:
             print(f"resumed at epoch {trainer.start_epoch}", flush=True)
         final = trainer.run()
@@ -530,11 +520,33 @@ def run(args: argparse.Namespace) -> int:
             print(f"final checkpoint: {final}")
         return 0
     except (ValueError, OSError, CheckpointError) as exc:
-        print(f"train segment: error: {exc}", file=sys.stderr)
+        print(f"train {name}: error: {exc}", file=sys.stderr)
         return 2
     finally:
         if info is not None:
             cleanup(info)
+
+
+def _build(args: argparse.Namespace, info) -> "SegmentTrainer":
+    plans = plans_from_args(args)
+    cfg = SegmentConfig(output=args.output, plans=plans, prompt=args.prompt, fold=args.fold, epochs=args.epochs,
+                        iters_per_epoch=args.iters, val_samples=args.val_samples, batch_size=args.batch_size,
+                        lr=args.lr, seed=args.seed, init=args.init, device=str(info.device),
+                        max_offset=args.max_offset, scale_range=tuple(args.scale),
+                        augment_prob=args.augment_prob, weighting=args.weighting,
+                        min_lesion_voxels=args.min_lesion_voxels,
+                        fp16_weights=args.fp16_weights)
+    config = config_from_dicts(plans, make_dataset_json())
+    cache = args.cache or (Path(args.output) / "preprocessed")
+    train_cases = load_cases(args, config, cache)
+    if not train_cases:
+        raise TrainError("no training data: give --cases and/or --phantoms")
+    val_cases = load_cases(args, config, cache, val=True)
+    return SegmentTrainer(cfg, train_cases, val_cases, info)
+
+
+def run(args: argparse.Namespace) -> int:
+    return run_training("segment", args, _build)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -33,8 +33,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from LesionLocatorLib.checkpoint import CheckpointError, load_weights_strict, write_checkpoint
-from LesionLocatorLib.image_io import read_image
+from LesionLocatorLib.checkpoint import load_weights_strict, write_checkpoint
 from LesionLocatorLib.network import build_network
 from LesionLocatorLib.plans import CONFIGURATION, PlansError, config_from_dicts, make_dataset_json
 from LesionLocatorLib.propagation import resize_nearest_exact, resize_trilinear, z_align
@@ -42,10 +41,10 @@ from LesionLocatorLib.registration_net import (REGISTRATION_SHAPE, build_registr
                                                load_registration_weights, warp_with_icon_map)
 
 from . import data as D
-from .distributed import DistInfo, all_reduce_sum, autocast, average_gradients, cleanup, init_distributed
-from .losses import build_segmentation_loss, downsample_targets, gradicon_loss, make_sgd, poly_lr
+from .distributed import DistInfo, all_reduce_sum, autocast, average_gradients
+from .losses import build_segmentation_loss, downsample_targets, gradicon_loss, make_sgd
 from .trainer_segment import (BaseTrainer, TrainError, _jsonable, _read_weights, add_common_arguments,
-                              plans_from_args, add_model_arguments)
+                              plans_from_args, add_model_arguments, run_training)
 
 REG_SIZE_KEY = "registration_input_size"
 TRACK_TRAINER = "LesionLocatorTrainerTrack"
@@ -363,44 +362,32 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--cache", type=Path)
 
 
+def _build(args: argparse.Namespace, info) -> "TrackTrainer":
+    if args.init_seg and not args.plans and (Path(args.init_seg) / "plans.json").is_file():
+        seg_plans = json.loads((Path(args.init_seg) / "plans.json").read_text())
+    else:
+        seg_plans = plans_from_args(args)
+    plans = track_plans(seg_plans, args.registration_size)
+    config = config_from_dicts(plans, make_dataset_json())
+    cache = args.cache or (Path(args.output) / "preprocessed")
+    pairs: list[Pair] = []
+    for pd in args.pairs:
+        pairs += load_manifest_pairs(pd, config, cache)
+    if args.phantoms:
+        pairs += phantom_pairs(args.phantoms, args.pairs_per_case, config, cache, args.seed)
+    if not pairs:
+        raise TrainError("no training pairs: give --pairs and/or --phantoms")
+    val = phantom_pairs(args.val_phantoms, 1, config, cache, args.seed + 100003) if args.val_phantoms else []
+    cfg = TrackConfig(output=args.output, plans=plans, fold=args.fold, epochs=args.epochs,
+                      iters_per_epoch=args.iters, val_samples=args.val_samples, lr=args.lr, reg_lr=args.reg_lr,
+                      reg_weight=args.reg_weight, train_registration=not args.freeze_registration,
+                      seed=args.seed, init_seg=args.init_seg, init_reg=args.init_reg, device=str(info.device))
+    trainer = TrackTrainer(cfg, pairs, val, info)
+    return trainer
+
+
 def run(args: argparse.Namespace) -> int:
-    info = None
-    try:
-        if args.threads:
-            torch.set_num_threads(args.threads)
-        info = init_distributed(args.device)
-        if args.init_seg and not args.plans and (Path(args.init_seg) / "plans.json").is_file():
-            seg_plans = json.loads((Path(args.init_seg) / "plans.json").read_text())
-        else:
-            seg_plans = plans_from_args(args)
-        plans = track_plans(seg_plans, args.registration_size)
-        config = config_from_dicts(plans, make_dataset_json())
-        cache = args.cache or (Path(args.output) / "preprocessed")
-        pairs: list[Pair] = []
-        for pd in args.pairs:
-            pairs += load_manifest_pairs(pd, config, cache)
-        if args.phantoms:
-            pairs += phantom_pairs(args.phantoms, args.pairs_per_case, config, cache, args.seed)
-        if not pairs:
-            raise TrainError("no training pairs: give --pairs and/or --phantoms")
-        val = phantom_pairs(args.val_phantoms, 1, config, cache, args.seed + 100003) if args.val_phantoms else []
-        cfg = TrackConfig(output=args.output, plans=plans, fold=args.fold, epochs=args.epochs,
-                          iters_per_epoch=args.iters, val_samples=args.val_samples, lr=args.lr, reg_lr=args.reg_lr,
-                          reg_weight=args.reg_weight, train_registration=not args.freeze_registration,
-                          seed=args.seed, init_seg=args.init_seg, init_reg=args.init_reg, device=str(info.device))
-        trainer = TrackTrainer(cfg, pairs, val, info)
-        if args.resume and trainer.try_resume() and info.is_main:
-            print(f"resumed at epoch {trainer.start_epoch}", flush=True)
-        final = trainer.run()
-        if final is not None:
-            print(f"final checkpoint: {final}")
-        return 0
-    except (ValueError, OSError, CheckpointError) as exc:
-        print(f"train track: error: {exc}", file=sys.stderr)
-        return 2
-    finally:
-        if info is not None:
-            cleanup(info)
+    return run_training("track", args, _build)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
