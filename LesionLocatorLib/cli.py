@@ -58,6 +58,7 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
                    help="folds to ensemble: 'all' or e.g. '0,1' (default: the first fold, for speed)")
     p.add_argument("--tta", action="store_true", help="mirroring test-time augmentation (8 passes per fold)")
     p.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N or mps")
+    p.add_argument("--compile", action="store_true", help="torch.compile the network (CUDA only; slow first click)")
     p.add_argument("--server", metavar="URL", help="run on a LesionLocator server instead of in this process")
     p.add_argument("--token", help="bearer token for --server (or env LESIONLOCATOR_TOKEN)")
 
@@ -163,7 +164,8 @@ def run_segment(args: argparse.Namespace) -> int:
         from .segmenter import LesionSegmenter
 
         seg = LesionSegmenter.from_checkpoint(resolve_checkpoint_arg(args.model), kinds,
-                                              device=args.device, folds=args.folds, tta=args.tta)
+                                              device=args.device, folds=args.folds, tta=args.tta,
+                                              compile=args.compile)
         seg.set_image(image)
         result = seg.segment_prompts(prompts, return_probabilities=args.save_probabilities,
                                      progress=make_progress(f"segment {case}"))
