@@ -118,6 +118,7 @@ class LesionSegmenter:
             torch.set_num_threads(num_threads)
         self._models: dict[str, PromptModel] = {}
         self._state: _ImageState | None = None
+        self._recent: list[_ImageState] = []  # a few recent images (the tracker alternates two)
         self.last_debug: dict[int, LesionDebug] = {}
 
     # -- construction ---------------------------------------------------------------------
@@ -171,8 +172,15 @@ class LesionSegmenter:
 
     # -- image ------------------------------------------------------------------------------
     def set_image(self, image: Volume | str | os.PathLike) -> None:
-        if self._state is not None and image is self._state.image:
-            return  # same object: keep the cached grids
+        """Use ``image`` for the next prompts. Setting the same ``Volume`` object again (or one of the last
+        few) reuses its crop box and grids: do not change its voxels in place between calls."""
+        for st in self._recent:
+            if image is st.image:
+                self._state = st
+                self.last_debug = {}
+                # rebinding (not mutating) keeps shallow copies of this segmenter (server views) independent
+                self._recent = [st] + [s for s in self._recent if s is not st]
+                return
         if not isinstance(image, Volume):
             image = read_image(image)
         arr = image.array
@@ -183,6 +191,7 @@ class LesionSegmenter:
         if np.issubdtype(arr.dtype, np.floating) and not np.isfinite(arr).all():
             raise GeometryError("image contains NaN or infinite values")
         self._state = _ImageState(image)
+        self._recent = [self._state] + self._recent[:2]
         self.last_debug = {}
         for kind in self._models:  # crop box and resampling grid now, not on the first click
             self.grid(kind)

@@ -58,7 +58,7 @@ def published_per_lesion(tracker, base, fu, mask) -> float:
 
     t0 = time.perf_counter()
     tracker._pp_cache.clear()
-    tracker._engine._state = None
+    tracker._engine._state, tracker._engine._recent = None, []
     tracker.set_images(base, [fu])
     bpp, fpp = tracker._preprocessed(0), tracker._preprocessed(1)
     za = z_align(bpp, fpp)
