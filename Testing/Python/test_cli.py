@@ -117,3 +117,15 @@ def test_help_documents_every_command():
                        text=True, timeout=120)
     for flag in ("--prompt-type", "--folds", "--tta", "--device", "--server", "point_lps"):
         assert flag in r.stdout
+
+
+def test_cuda_requested_without_gpu(setup, capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    d, ck, _ = setup
+    rc = main(["segment", "-i", str(d / "ct.nii.gz"), "-p", str(d / "pts.json"), "-o", str(d / "gpu"),
+               "-m", str(ck), "--device", "cuda"])
+    err = capsys.readouterr().err
+    assert rc != 0 and "no CUDA GPU" in err and "Traceback" not in err
