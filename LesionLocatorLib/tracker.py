@@ -122,8 +122,13 @@ class LesionTracker:
             conf = model.config.plans["configurations"]["3d_fullres"]
             size = tuple(int(s) for s in conf.get(REGISTRATION_SIZE_KEY, (175, 175, 175)))
             net = build_registration_network((1, 1, *size))
-            # folds share the registration weights' architecture; the first selected fold's weights are used
-            fold = select_folds(self.track_dir, self.folds)[0]
+            # one registration per scan pair: the first selected fold's registration weights serve every fold's
+            # UNet (the published code registers once per fold)
+            selected = select_folds(self.track_dir, self.folds)
+            if len(selected) > 1:
+                log.warning("tracking with %d folds: the registration of fold %d serves all of them",
+                            len(selected), selected[0])
+            fold = selected[0]
             ckpt = load_checkpoint(self.track_dir, fold)
             try:
                 load_registration_weights(net, ckpt["network_weights"], REG_PREFIX)
