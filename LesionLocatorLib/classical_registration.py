@@ -24,6 +24,8 @@ from .geometry import Volume
 from .propagation import Deformation
 
 
+DEFAULT_RESOLUTION_MM = 3.0  # working grid of the registration (both scans resampled to it)
+
 class RegistrationError(ValueError):
     """Classical registration failed, or the two images do not overlap enough to be registered."""
 
@@ -239,7 +241,7 @@ def classical_transform(
     baseline: Volume,
     followup: Volume,
     *,
-    resolution_mm: float = 3.0,
+    resolution_mm: float = DEFAULT_RESOLUTION_MM,
     deformable: bool = True,
     demons_sigma_mm: float = 9.0,
     threads: int = 2,
@@ -318,7 +320,7 @@ def classical_transform(
 
 
 def transform_to_deformation(
-    transform: sitk.Transform, baseline: Volume, followup: Volume, resolution_mm: float = 3.0
+    transform: sitk.Transform, baseline: Volume, followup: Volume, resolution_mm: float = DEFAULT_RESOLUTION_MM
 ) -> Deformation:
     """Sample a follow-up -> baseline physical transform on a coarse follow-up grid as a :class:`Deformation`."""
     n, g = _coarse_grid(followup, resolution_mm)
@@ -338,26 +340,13 @@ def transform_to_deformation(
     )
 
 
-def register_classical(
-    baseline: Volume,
-    followup: Volume,
-    *,
-    resolution_mm: float = 3.0,
-    deformable: bool = True,
-    demons_sigma_mm: float = 9.0,
-    threads: int = 2,
-    seed: int = 12345,
-    min_overlap: float = 0.2,
-    min_correlation: float = 0.2,
-) -> Deformation:
+def register_classical(baseline: Volume, followup: Volume, **options: object) -> Deformation:
     """Classical affine + demons registration of two original-grid volumes -> pull-back :class:`Deformation`
-    from the follow-up's voxels to the baseline's voxels (warp baseline masks with ``deformation.warp``)."""
-    transform, _ = classical_transform(
-        baseline, followup, resolution_mm=resolution_mm, deformable=deformable,
-        demons_sigma_mm=demons_sigma_mm, threads=threads, seed=seed,
-        min_overlap=min_overlap, min_correlation=min_correlation,
-    )
-    return transform_to_deformation(transform, baseline, followup, resolution_mm)
+    from the follow-up's voxels to the baseline's voxels (warp baseline masks with ``deformation.warp``).
+
+    ``options`` are those of :func:`classical_transform` (resolution_mm, deformable, demons_sigma_mm, ...).
+    """
+    return ClassicalPropagator(**options).register(baseline, followup)
 
 
 class ClassicalPropagator:
@@ -368,7 +357,7 @@ class ClassicalPropagator:
         self.last_report: ClassicalRegistrationReport | None = None
 
     def register(self, baseline: Volume, followup: Volume) -> Deformation:
-        resolution = float(self.options.get("resolution_mm", 3.0))  # type: ignore[arg-type]
+        resolution = float(self.options.get("resolution_mm", DEFAULT_RESOLUTION_MM))  # type: ignore[arg-type]
         transform, self.last_report = classical_transform(baseline, followup, **self.options)  # type: ignore[arg-type]
         return transform_to_deformation(transform, baseline, followup, resolution)
 
@@ -382,7 +371,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mask", required=True, help="baseline lesion mask or instance label map (baseline grid)")
     parser.add_argument("-o", "--output", required=True, help="warped mask on the follow-up grid")
     parser.add_argument("--affine-only", action="store_true", help="skip the deformable (demons) stage")
-    parser.add_argument("--resolution-mm", type=float, default=3.0, help="registration grid spacing in mm")
+    parser.add_argument("--resolution-mm", type=float, default=DEFAULT_RESOLUTION_MM, help="registration grid spacing in mm")
     parser.add_argument("--threads", type=int, default=2, help="threads (fixed for reproducible results)")
 
 

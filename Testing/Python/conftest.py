@@ -29,3 +29,16 @@ def shared_data() -> Path:
 @pytest.fixture
 def parity_dir() -> Path:
     return require(PARITY)
+
+
+def lung_ct(seed: int, shift: int = 0):
+    """Lung-like background (-700 HU) with one soft-tissue nodule, moved by ``shift`` voxels in y."""
+    import numpy as np
+
+    from LesionLocatorLib.geometry import Volume
+
+    r = np.random.default_rng(seed)
+    a = r.normal(-700, 50, (30, 48, 44))
+    zz, yy, xx = np.indices(a.shape)
+    a[((zz - 15) ** 2 / 36 + (yy - 24 - shift) ** 2 / 64 + (xx - 22) ** 2 / 49) < 1] = 40
+    return Volume(a.astype(np.int16), spacing=(2.0, 1.0, 1.0))

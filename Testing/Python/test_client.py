@@ -36,6 +36,8 @@ from LesionLocatorLib.prompts import Box, Point
 from LesionLocatorLib.segmenter import LesionSegmenter
 from LesionLocatorLib.tiny_model import write_random_checkpoint, write_random_track_checkpoint
 
+from conftest import lung_ct
+
 REPO = Path(__file__).resolve().parents[2]
 TOKEN = "client-test-token-0123456789"
 
@@ -125,14 +127,6 @@ def test_separate_process_round_trip(server, checkpoint):
         with pytest.raises(RequestRejected, match="outside the image"):
             c.segment(points={5: (99, 0, 0)})
         assert sorted(c.lesions) == [1, 2]
-
-
-def lung_ct(seed: int, shift: int = 0) -> Volume:
-    r = np.random.default_rng(seed)
-    a = r.normal(-700, 50, (30, 48, 44))
-    zz, yy, xx = np.indices(a.shape)
-    a[((zz - 15) ** 2 / 36 + (yy - 24 - shift) ** 2 / 64 + (xx - 22) ** 2 / 49) < 1] = 40
-    return Volume(a.astype(np.int16), spacing=(2.0, 1.0, 1.0))
 
 
 def test_separate_process_learned_tracking(server, checkpoint):

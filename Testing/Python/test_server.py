@@ -51,6 +51,8 @@ from LesionLocatorLib.wire import (
     encode_volume,
 )
 
+from conftest import lung_ct
+
 TOKEN_A = "token-A-0123456789abcdef"
 TOKEN_B = "token-B-0123456789abcdef"
 
@@ -660,15 +662,6 @@ def test_fuzz_binary_and_other_endpoints(srv, fuzz_session, junk, cut, path):
         assert r.status_code != 200, r.text
         assert r.json()["message"]
     assert raw(srv, "GET", "/v1/health").status_code == 200
-
-
-def lung_ct(seed: int, shift: int = 0) -> Volume:
-    """Lung-like background (-700 HU) with one soft-tissue nodule, moved by ``shift`` voxels in y."""
-    r = np.random.default_rng(seed)
-    a = r.normal(-700, 50, (30, 48, 44))
-    zz, yy, xx = np.indices(a.shape)
-    a[((zz - 15) ** 2 / 36 + (yy - 24 - shift) ** 2 / 64 + (xx - 22) ** 2 / 49) < 1] = 40
-    return Volume(a.astype(np.int16), spacing=(2.0, 1.0, 1.0))
 
 
 def test_track_round_trip_equals_in_process(srv, checkpoint):
