@@ -5,9 +5,9 @@
 
 Stages:
 1. ``train``: one small promptable ResEnc UNet trained with this project's segmentation trainer
-   (``train.trainer_segment``) on phantoms (``LesionLocatorLib.phantom``) plus the real DeepLesion cases of
-   ``<data>/cases.json``, prompts mixed (point or box per sample); phase 2 continues it with stronger
-   magnification and more real lesions (``--finetune-epochs``).
+   (``train.trainer_segment``) on lesions pasted into the real CTs of ``<data>`` (``train/lesion_paste.py``),
+   phantoms (``LesionLocatorLib.phantom``) and the real DeepLesion lesions of ``<data>/cases.json``, prompts
+   mixed (point or box per sample). The held-out STS images are never used, not even as backgrounds.
 2. ``export``: the final weights (stored as float16) into the published layout
    ``<output>/LesionLocatorCheckpoint/LesionLocatorSeg/{point_optimized,bbox_optimized}/`` - the same
    network in both folders (one model trained with both prompt types).
@@ -43,19 +43,21 @@ PACKAGE_DIR = Path(__file__).resolve().parents[1] / "LesionLocatorLib" / "defaul
 TRAIN_DATASETS = ("deeplesion",)  # real cases used for training
 EVAL_DATASETS = ("sts",)  # real cases held out for evaluation
 
-# The default model's plans: coarse spacing and a small patch so one click costs about a second on a CPU.
+# The default model's plans: coarse spacing and a small patch so one click costs well under a second on a CPU.
 PATCH = (32, 48, 48)
 SPACING = (2.5, 1.5, 1.5)
 FEATURES = (8, 16, 32, 64, 64)
 BLOCKS = (1, 1, 2, 2, 2)
-# Phantom lesions are 5-30 mm; the zoom augmentation (reading patch x s voxels, s < 1 magnifies) shows them at
-# up to ~2x their size, and lesions below MIN_LESION_VOXELS (smaller than the 11-voxel prompt ball) are skipped.
-SCALE_RANGE = (0.45, 1.1)
-MIN_LESION_VOXELS = 150
-# Phase 2 (fine-tuning of phase 1): lesions shown 1.1-4x magnified, DeepLesion drawn 30% of the time.
-FT_SCALE_RANGE = (0.25, 0.9)
-FT_LR = 3e-3
-FT_WEIGHTS = {"phantom": 0.7, "deeplesion": 0.3}
+# Training data: lesions pasted into the real CTs of <data> (train/lesion_paste.py; 6-80 mm, so lesions of
+# every size appear at their true scale), phantoms, and the real DeepLesion lesions.
+N_PASTED = 48
+PASTE_BACKGROUNDS = ("lidc0314/LIDC-IDRI-0314_ct.nii.gz", "totalseg_example/example_ct.nii.gz")
+WEIGHTS = {"paste": 0.7, "phantom": 0.15, "deeplesion": 0.15}
+# Zoom augmentation (reading patch x s voxels; s < 1 magnifies) around the true scale.
+SCALE_RANGE = (0.75, 1.3)
+MIN_LESION_VOXELS = 20  # ~6 mm lesions and up on the model grid
+LR = 1e-2
+AUGMENT_PROB = 0.2
 
 
 def default_plans() -> dict:
@@ -82,45 +84,57 @@ def real_cases(data_root: Path) -> list[dict]:
 
 
 # ----------------------------------------------------------------------------------------------------------
-def train(work: Path, data_root: Path, epochs: int, iters: int, phantoms: int, seed: int, batch_size: int,
-          resume: bool, finetune_epochs: int = 0) -> Path:
-    plans = default_plans()
-    config = config_from_dicts(plans, make_dataset_json())
+def paste_backgrounds(data_root: Path) -> list[tuple[Path, Path | None]]:
+    """Real CTs to paste lesions into: the lesion-free ones plus the DeepLesion training cases (their real
+    lesions kept). Held-out (STS) images are never used."""
+    out: list[tuple[Path, Path | None]] = [(data_root / p, None) for p in PASTE_BACKGROUNDS
+                                           if (data_root / p).is_file()]
+    out += [(Path(c["image"]), Path(c["labels"])) for c in real_cases(data_root) if c["dataset"] in TRAIN_DATASETS]
+    return out
+
+
+def training_cases(work: Path, data_root: Path, config, phantoms: int, pasted: int, seed: int
+                   ) -> tuple[list[D.Case], list[D.Case]]:
+    """(training cases, validation cases): pasted lesions, phantoms and the real DeepLesion lesions; the
+    validation cases are pasted and phantom cases from other seeds."""
+    from .lesion_paste import pasted_cases
+
     cache = work / "preprocessed"
     reals = [c for c in real_cases(data_root) if c["dataset"] in TRAIN_DATASETS]
+    backgrounds = paste_backgrounds(data_root)
     train_cases = D.load_case_files(reals, config, cache)
     train_cases += D.phantom_cases(phantoms, config, cache, seed=seed)
-    val_cases = D.phantom_cases(4, config, cache, seed=seed + 100003, dataset="phantom_val")
+    if pasted and backgrounds:
+        train_cases += pasted_cases(backgrounds, pasted, config, cache, seed=seed)
+    val_cases = D.phantom_cases(2, config, cache, seed=seed + 100003, dataset="phantom_val")
+    if backgrounds:
+        val_cases += pasted_cases(backgrounds, 4, config, cache, seed=seed + 100003, dataset="paste_val")
+    return train_cases, val_cases
+
+
+def train(work: Path, data_root: Path, epochs: int, iters: int, phantoms: int, seed: int, batch_size: int,
+          resume: bool, pasted: int = N_PASTED) -> Path:
+    plans = default_plans()
+    config = config_from_dicts(plans, make_dataset_json())
+    train_cases, val_cases = training_cases(work, data_root, config, phantoms, pasted, seed)
+    present = {c.dataset for c in train_cases}
+    weights = {k: v for k, v in WEIGHTS.items() if k in present}
     cfg = SegmentConfig(output=work / "model", plans=plans, prompt="mixed", epochs=epochs, iters_per_epoch=iters,
-                        val_samples=8, batch_size=batch_size, lr=1e-2, seed=seed, device="cpu", max_offset=0.15,
-                        scale_range=SCALE_RANGE, augment_prob=0.25, weighting="uniform",
+                        val_samples=16, batch_size=batch_size, lr=LR, seed=seed, device="cpu", max_offset=0.15,
+                        scale_range=SCALE_RANGE, augment_prob=AUGMENT_PROB, weighting=weights,
                         min_lesion_voxels=MIN_LESION_VOXELS, fp16_weights=True)
     trainer = SegmentTrainer(cfg, train_cases, val_cases)
+    print(f"{len(train_cases)} training cases, {trainer.sampler.n_lesions} lesions; weights {weights}", flush=True)
     if resume and trainer.try_resume():
         print(f"resumed at epoch {trainer.start_epoch}", flush=True)
     final = trainer.run()
-    assert final is not None
-    if finetune_epochs <= 0:
-        return final
-    # Phase 2: the phase-1 model under-segments large lesions with point prompts (phantom lesions are
-    # 5-30 mm): continue with stronger magnification and a larger share of real lesions.
-    cfg2 = SegmentConfig(output=work / "model_ft", plans=plans, prompt="mixed", epochs=finetune_epochs,
-                         iters_per_epoch=iters, val_samples=8, batch_size=batch_size, lr=FT_LR, seed=seed + 1,
-                         device="cpu", max_offset=0.15, scale_range=FT_SCALE_RANGE, augment_prob=0.25,
-                         weighting=FT_WEIGHTS, min_lesion_voxels=MIN_LESION_VOXELS, fp16_weights=True)
-    trainer2 = SegmentTrainer(cfg2, train_cases, val_cases)
-    if not (resume and trainer2.try_resume()):
-        latest = torch.load(work / "model" / "fold_0" / "checkpoint_latest.pth", map_location="cpu",
-                            weights_only=False)
-        trainer2.model.load_state_dict(latest["network_weights"])  # full float32 weights of phase 1
-    final = trainer2.run()
     assert final is not None
     return final
 
 
 def export(work: Path, output: Path) -> list[Path]:
     """Copy the trained model into the package layout (float16 weights, no optimizer state)."""
-    model = work / "model_ft" if (work / "model_ft" / "fold_0" / "checkpoint_final.pth").is_file() else work / "model"
+    model = work / "model"
     src = model / "fold_0" / "checkpoint_final.pth"
     ckpt = torch.load(src, map_location="cpu", weights_only=False)
     plans = json.loads((model / "plans.json").read_text())
@@ -134,11 +148,12 @@ def export(work: Path, output: Path) -> list[Path]:
                                       "LesionLocatorTrainerSegment", (0, 1, 2),
                                       extra={"current_epoch": ckpt.get("current_epoch"),
                                              "train_config": ckpt.get("train_config", {})}))
-    for sub, suffix in (("model", ""), ("model_ft", "_phase2")):
-        if (work / sub / "fold_0" / "training_log.jsonl").is_file():
-            shutil.copy(work / sub / "fold_0" / "training_log.jsonl", output / f"training_log{suffix}.jsonl")
-        if (work / sub / "fold_0" / "progress.png").is_file():
-            shutil.copy(work / sub / "fold_0" / "progress.png", output / f"training_progress{suffix}.png")
+    for name in ("training_log_phase2.jsonl", "training_progress_phase2.png", "evaluation_phase1.json"):
+        (output / name).unlink(missing_ok=True)  # files of the previous two-phase model
+    if (model / "fold_0" / "training_log.jsonl").is_file():
+        shutil.copy(model / "fold_0" / "training_log.jsonl", output / "training_log.jsonl")
+    if (model / "fold_0" / "progress.png").is_file():
+        shutil.copy(model / "fold_0" / "progress.png", output / "training_progress.png")
     return paths
 
 
@@ -225,11 +240,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="folder with cases.json (real CTs)")
     parser.add_argument("--output", type=Path, default=PACKAGE_DIR, help="package folder to write")
     parser.add_argument("--stage", choices=("all", "train", "export", "evaluate"), default="all")
-    parser.add_argument("--epochs", type=int, default=25)
-    parser.add_argument("--iters", type=int, default=25)
-    parser.add_argument("--batch-size", type=int, default=1)
-    parser.add_argument("--phantoms", type=int, default=30)
-    parser.add_argument("--finetune-epochs", type=int, default=15, help="phase 2 epochs (0: none)")
+    parser.add_argument("--epochs", type=int, default=60)
+    parser.add_argument("--iters", type=int, default=50)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--phantoms", type=int, default=20)
+    parser.add_argument("--pasted", type=int, default=N_PASTED, help="cases with lesions pasted into real CTs")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--resume", action="store_true")
@@ -244,7 +259,7 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.time()
     if args.stage in ("all", "train"):
         train(args.work, args.data, args.epochs, args.iters, args.phantoms, args.seed, args.batch_size, args.resume,
-              args.finetune_epochs)
+              args.pasted)
         print(f"training took {time.time() - t0:.0f} s", flush=True)
     if args.stage in ("all", "export"):
         args.output.mkdir(parents=True, exist_ok=True)

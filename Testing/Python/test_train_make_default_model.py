@@ -73,3 +73,12 @@ def test_bundled_model_segments_a_phantom_quickly():
     assert all(les.voxels > 0 for les in res.lesions.values())
     card = bundled.model_card()
     assert card.is_file() and "Dice" in card.read_text(encoding="utf-8")
+
+
+def test_paste_backgrounds_never_use_held_out_images():
+    require(DATA / "cases.json")
+    bgs = M.paste_backgrounds(DATA)
+    assert bgs, "expected the lesion-free CTs and the DeepLesion cases as backgrounds"
+    names = " ".join(str(p) for b in bgs for p in b if p is not None)
+    assert "STS" not in names
+    assert all(p.is_file() for b in bgs for p in b if p is not None)
