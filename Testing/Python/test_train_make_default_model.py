@@ -82,3 +82,17 @@ def test_paste_backgrounds_never_use_held_out_images():
     names = " ".join(str(p) for b in bgs for p in b if p is not None)
     assert "STS" not in names
     assert all(p.is_file() for b in bgs for p in b if p is not None)
+
+
+def test_evaluate_tracking_scores_refined_and_warped_masks(tmp_path):
+    from LesionLocatorLib.tiny_model import write_random_checkpoint
+
+    root = write_random_checkpoint(tmp_path / "ck", spacing=(2.0, 1.5, 1.5)) / "LesionLocatorCheckpoint"
+    out = M.evaluate_tracking(root, tmp_path / "no_data", seed=0, n_phantoms=1)
+    recs = out["records"]
+    assert {r["refine"] for r in recs} == {"segment", "none"}
+    assert {(r["case"], r["lesion"]) for r in recs} == {("phantom_track_0", i) for i in (1, 2, 3)}
+    assert all(0.0 <= r["dice"] <= 1.0 for r in recs)
+    # the warped ground-truth mask of a mildly shifted/deformed follow-up overlaps its truth well
+    warped = out["summary"]["phantom_heldout/refine_none"]
+    assert warped["n_lesions"] == 3 and warped["dice"] > 0.6
