@@ -1,4 +1,5 @@
-"""nnU-Net's training loss (soft Dice + cross-entropy with deep supervision), its poly learning rate, and the
+"""nnU-Net's training loss (soft Dice + cross-entropy with deep supervision), MultiTalent's per-dataset-head loss
+(sigmoid BCE + soft Dice on the sample's own dataset channels), nnU-Net's poly learning rate, and the
 registration losses of the tracking trainer (GradICON via icon_registration).
 
 Re-implemented from nnU-Net v2's documented behaviour (``MemoryEfficientSoftDiceLoss`` with batch Dice and
@@ -92,7 +93,9 @@ class DeepSupervisionLoss(nn.Module):
         self.loss = loss
         self.weights = [float(w) for w in weights]
 
-    def forward(self, outputs: Sequence[torch.Tensor] | torch.Tensor, targets: Sequence[torch.Tensor]) -> torch.Tensor:
+    def forward(self, outputs: Sequence[torch.Tensor] | torch.Tensor, targets: Sequence[torch.Tensor],
+                **kwargs) -> torch.Tensor:
+        """``kwargs`` (e.g. the per-sample dataset index of :class:`MultiHeadBCEDiceLoss`) go to every term."""
         if isinstance(outputs, torch.Tensor):
             outputs = [outputs]
         if len(outputs) != len(targets) or len(outputs) > len(self.weights):
@@ -102,7 +105,7 @@ class DeepSupervisionLoss(nn.Module):
         for w, o, t in zip(self.weights, outputs, targets):
             if w == 0:
                 continue
-            term = w * self.loss(o, t)
+            term = w * self.loss(o, t, **kwargs)
             total = term if total is None else total + term
         assert total is not None
         return total
@@ -113,6 +116,73 @@ def build_segmentation_loss(strides: Sequence[Sequence[int]], ddp: bool = False
     """(loss, scales) for a network built with deep_supervision=True from plans with these strides."""
     scales = deep_supervision_scales(strides)
     return DeepSupervisionLoss(DiceCELoss(), deep_supervision_weights(len(scales), ddp)), scales
+
+
+class MultiHeadBCEDiceLoss(nn.Module):
+    """MultiTalent's loss for per-dataset output heads: every class of every dataset owns one output channel
+    (sigmoid), and a sample is scored only on the channels of the dataset it came from - binary cross-entropy
+    plus soft Dice (nnU-Net's ``DC_and_BCE_loss``: weights 1/1, Dice with ``do_bg=True``, smooth 1e-5,
+    batch Dice: summed over the batch's samples of that dataset).
+
+    ``heads[d]`` lists dataset ``d``'s classes, each as the label values it covers (``(3,)`` for a label, a
+    tuple for an nnU-Net region); ``channels[d]`` their output channels (default: consecutive, dataset after
+    dataset). ``forward(logits [B, C, ...], target [B, 1, ...], dataset [B])``: the target holds each sample's
+    own (dataset-local) label values; voxels < 0 are ignored (nnU-Net's ignore label).
+    """
+
+    def __init__(self, heads: Sequence[Sequence[Sequence[int]]], channels: Sequence[Sequence[int]] | None = None,
+                 weight_bce: float = 1.0, weight_dice: float = 1.0, batch_dice: bool = True, smooth: float = 1e-5):
+        super().__init__()
+        self.heads = [[tuple(int(v) for v in cls) for cls in h] for h in heads]
+        if channels is None:
+            channels, n = [], 0
+            for h in self.heads:
+                channels.append(list(range(n, n + len(h))))
+                n += len(h)
+        self.channels = [[int(c) for c in ch] for ch in channels]
+        if [len(c) for c in self.channels] != [len(h) for h in self.heads] or any(not h for h in self.heads):
+            raise ValueError("every dataset needs at least one class and one output channel per class")
+        self.num_channels = 1 + max(c for ch in self.channels for c in ch)
+        self.weight_bce, self.weight_dice = float(weight_bce), float(weight_dice)
+        self.batch_dice, self.smooth = batch_dice, float(smooth)
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor, dataset: torch.Tensor) -> torch.Tensor:
+        if logits.shape[1] < self.num_channels:
+            raise ValueError(f"{logits.shape[1]} output channels, the heads need {self.num_channels}")
+        dataset = torch.as_tensor(dataset, device=logits.device).long().view(-1)
+        bce_sum = logits.new_zeros((), dtype=torch.float32)
+        bce_n = logits.new_zeros((), dtype=torch.float32)
+        dices = []
+        for d in torch.unique(dataset).tolist():
+            idx = torch.nonzero(dataset == d).view(-1)
+            ch = torch.tensor(self.channels[d], device=logits.device)
+            lg = logits.index_select(0, idx).index_select(1, ch).float()
+            t = target.index_select(0, idx)
+            valid = (t >= 0).float()
+            gt = torch.cat([torch.isin(t, torch.tensor(c, device=t.device, dtype=t.dtype)) for c in self.heads[d]],
+                           1).float()
+            bce = F.binary_cross_entropy_with_logits(lg, gt, reduction="none")
+            bce_sum = bce_sum + (bce * valid).sum()
+            bce_n = bce_n + valid.sum() * lg.shape[1]
+            p = torch.sigmoid(lg) * valid
+            gt = gt * valid
+            axes = tuple(range(2, lg.ndim))
+            inter, sp, sg = (p * gt).sum(axes), p.sum(axes), gt.sum(axes)
+            if self.batch_dice:
+                inter, sp, sg = inter.sum(0), sp.sum(0), sg.sum(0)
+            dices.append(((2 * inter + self.smooth) / torch.clip(sg + sp + self.smooth, 1e-8)).reshape(-1))
+        bce = bce_sum / torch.clip(bce_n, min=1.0)
+        return self.weight_bce * bce - self.weight_dice * torch.cat(dices).mean()
+
+
+def build_multihead_loss(strides: Sequence[Sequence[int]], heads: Sequence[Sequence[Sequence[int]]],
+                         channels: Sequence[Sequence[int]] | None = None, ddp: bool = False
+                         ) -> tuple[DeepSupervisionLoss, list[list[float]]]:
+    """(loss, scales) for MultiTalent-style pretraining with deep supervision; call the loss as
+    ``loss(outputs, downsample_targets(target, scales), dataset=index_per_sample)``."""
+    scales = deep_supervision_scales(strides)
+    return (DeepSupervisionLoss(MultiHeadBCEDiceLoss(heads, channels), deep_supervision_weights(len(scales), ddp)),
+            scales)
 
 
 def poly_lr(initial_lr: float, epoch: int, max_epochs: int, exponent: float = 0.9) -> float:

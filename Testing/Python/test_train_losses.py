@@ -1,4 +1,5 @@
-"""train.losses: nnU-Net deep-supervision Dice+CE, poly lr, SGD settings, GradICON loss forward."""
+"""train.losses: nnU-Net deep-supervision Dice+CE, MultiTalent per-dataset-head BCE+Dice, poly lr, SGD settings,
+GradICON loss forward."""
 from __future__ import annotations
 
 import numpy as np
@@ -41,6 +42,38 @@ def test_dice_ce_perfect_vs_wrong():
     assert total == pytest.approx(-1.0, abs=1e-2)
     with pytest.raises(ValueError):
         ds(outs, L.downsample_targets(y, scales)[:1])
+
+
+def test_multihead_loss_scores_only_the_samples_own_dataset_channels():
+    # dataset 0: labels 1, 2 -> channels 0, 1; dataset 1: one region {1, 2} -> channel 2
+    loss = L.MultiHeadBCEDiceLoss([[(1,), (2,)], [(1, 2)]])
+    assert loss.channels == [[0, 1], [2]] and loss.num_channels == 3
+    y = torch.zeros(2, 1, 6, 6, 6, dtype=torch.long)
+    y[:, :, 1:3, 1:4, 1:4] = 1
+    y[:, :, 3:5, 1:4, 1:4] = 2
+    ds = torch.tensor([0, 1])
+    good = torch.full((2, 3, 6, 6, 6), -20.0)
+    good[0, 0][y[0, 0] == 1] = 20.0
+    good[0, 1][y[0, 0] == 2] = 20.0
+    good[1, 2][y[1, 0] > 0] = 20.0
+    lg = float(loss(good, y, ds))
+    assert lg == pytest.approx(-1.0, abs=1e-3)  # BCE ~ 0, every Dice ~ 1
+    other = good.clone()
+    other[0, 2] = 5.0  # channels of the other dataset do not count
+    other[1, :2] = -5.0
+    assert float(loss(other, y, ds)) == pytest.approx(lg, abs=1e-6)
+    assert float(loss(-good, y, ds)) > lg + 1.0
+    ignored = y.clone()
+    ignored[0, 0, 1:2] = -1  # ignore label: those voxels do not count even where the logits are wrong
+    wrong = good.clone()
+    wrong[0, :, 1:2] = -good[0, :, 1:2]
+    assert float(loss(wrong, ignored, ds)) == pytest.approx(-1.0, abs=1e-3)
+    with pytest.raises(ValueError, match="output channels"):
+        loss(good[:, :2], y, ds)
+    # deep supervision passes the dataset index to every resolution
+    dsl, scales = L.build_multihead_loss([[1, 1, 1], [2, 2, 2], [2, 2, 2]], [[(1,), (2,)], [(1, 2)]])
+    total = dsl([good, good[..., ::2, ::2, ::2]], L.downsample_targets(y, scales), dataset=ds)
+    assert float(total) == pytest.approx(-1.0, abs=1e-2)
 
 
 def test_poly_lr_and_sgd():
