@@ -96,3 +96,17 @@ def test_evaluate_tracking_scores_refined_and_warped_masks(tmp_path):
     # the warped ground-truth mask of a mildly shifted/deformed follow-up overlaps its truth well
     warped = out["summary"]["phantom_heldout/refine_none"]
     assert warped["n_lesions"] == 3 and warped["dice"] > 0.6
+
+
+def test_evaluate_scores_model_tta_and_baseline_on_the_same_prompts(tmp_path):
+    from LesionLocatorLib.tiny_model import write_random_checkpoint
+
+    root = write_random_checkpoint(tmp_path / "ck", spacing=(2.0, 1.5, 1.5)) / "LesionLocatorCheckpoint"
+    out = M.evaluate(root, tmp_path / "no_data", seed=0, n_random_points=1, n_phantoms=1)
+    recs = out["records"]
+    assert {r["prompt"] for r in recs} == {"point_centroid", "point_random0", "box"}
+    assert all(set(r) >= {"model", "model_tta", "baseline"} for r in recs)
+    summ = out["summary"]
+    assert set(summ) == {"phantom_heldout/point", "phantom_heldout/box"}
+    for v in summ.values():
+        assert all(0.0 <= v[f"{w}_dice"] <= 1.0 for w in ("model", "model_tta", "baseline"))
