@@ -18,6 +18,7 @@ import numpy as np
 from scipy import ndimage
 
 from LesionLocatorLib.geometry import Volume
+from LesionLocatorLib.phantom import _largest_component, _random_rotation
 
 # Host classes by HU on the original grid: soft tissue (fat to enhanced organ) and aerated lung.
 SOFT_HU = (-150.0, 200.0)
@@ -38,11 +39,6 @@ class PastedLesion:
     contrast_hu: float  # lesion mean minus host mean
 
 
-def _rotation(rng: np.random.Generator) -> np.ndarray:
-    q, r = np.linalg.qr(rng.standard_normal((3, 3)))
-    return q * np.sign(np.diag(r))
-
-
 def _smooth(rng: np.random.Generator, shape: tuple[int, ...], sigma: Sequence[float]) -> np.ndarray:
     f = ndimage.gaussian_filter(rng.standard_normal(shape).astype(np.float32), sigma, mode="nearest")
     s = float(f.std())
@@ -57,7 +53,7 @@ def lesion_field(rng: np.random.Generator, diameter_mm: float, spacing: Sequence
     axes = [np.arange(-h, h + 1, dtype=np.float32) * s for h, s in zip(half, spacing)]
     coords = np.stack(np.meshgrid(*axes, indexing="ij"), axis=-1)
     semi = r * rng.uniform(0.6, 1.25, size=3)
-    rho = np.sqrt(((coords @ _rotation(rng).astype(np.float32) / semi) ** 2).sum(-1))
+    rho = np.sqrt(((coords @ _random_rotation(rng).astype(np.float32) / semi) ** 2).sum(-1))
     lobes = _smooth(rng, rho.shape, [max(0.7, r / 2.5 / s) for s in spacing])
     fine = _smooth(rng, rho.shape, [max(0.5, r / 6.0 / s) for s in spacing])
     return rho + rng.uniform(0.06, 0.22) * lobes + rng.uniform(0.0, 0.06) * fine
@@ -144,7 +140,7 @@ def paste_lesions(image: Volume, n_lesions: int = 4, seed: int = 0, labels: np.n
         if kind == "soft":  # soft lesions stay in the body
             alpha *= body[sl]
         mask = alpha > 0.5
-        mask = _largest(mask)
+        mask = _largest_component(mask)
         if mask.sum() < 8:
             continue
         region = hu[sl]
@@ -176,15 +172,6 @@ def paste_lesions(image: Volume, n_lesions: int = 4, seed: int = 0, labels: np.n
         info = np.iinfo(dtype)
         out = np.clip(np.round(out), info.min, info.max)
     return (image.with_array(out.astype(dtype)), image.with_array(lab.astype(np.uint16)), placed)
-
-
-def _largest(mask: np.ndarray) -> np.ndarray:
-    lab, n = ndimage.label(mask)
-    if n <= 1:
-        return mask
-    sizes = np.bincount(lab.ravel())
-    sizes[0] = 0
-    return lab == int(np.argmax(sizes))
 
 
 def random_crop(image: Volume, size_mm: Sequence[float], rng: np.random.Generator,

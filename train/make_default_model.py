@@ -69,8 +69,10 @@ def _dataset_of(case_id: str, image: str) -> str:
 
 
 def real_cases(data_root: Path) -> list[dict]:
-    """Labelled real cases of ``cases.json`` as {dataset, name, image, labels, lesions}."""
-    meta = json.loads((data_root / "cases.json").read_text())
+    """Labelled real cases of ``cases.json`` as {dataset, name, image, labels, lesions}; none without it."""
+    if not (data_root / "cases.json").is_file():
+        return []
+    meta = json.loads((data_root / "cases.json").read_text(encoding="utf-8"))
     folders = {"sts": "sts", "deeplesion": "deeplesion"}
     out = []
     for cid, m in meta.items():
@@ -182,7 +184,7 @@ def evaluate(package: Path, data_root: Path, seed: int = 0, n_random_points: int
     rng = np.random.default_rng(seed)
     records: list[dict] = []
     items: list[tuple[str, str, Any, np.ndarray, dict]] = []  # (group, name, image Volume, labels, details)
-    for c in (real_cases(data_root) if (data_root / "cases.json").is_file() else []):
+    for c in real_cases(data_root):
         held_out = c["dataset"] in EVAL_DATASETS
         if not held_out and not include_training_cases:
             continue
@@ -246,7 +248,7 @@ def evaluate_tracking(package: Path, data_root: Path, seed: int = 0, n_phantoms:
     from LesionLocatorLib.tracker import LesionTracker
 
     items = []
-    for c in (real_cases(data_root) if (data_root / "cases.json").is_file() else []):
+    for c in real_cases(data_root):
         if c["dataset"] in EVAL_DATASETS:
             items.append(("real_" + c["dataset"] + "_heldout", c["name"], read_image(c["image"]),
                           read_image(c["labels"])))
