@@ -108,6 +108,7 @@ def _load_prompts(path: str, image, prompt_type: str | None):
 def write_result(result, outdir: Path, case: str, save_probabilities: bool = False) -> list[Path]:
     """Per-lesion masks, merged label map and a JSON summary, each written atomically."""
     from .image_io import write_image
+    from .report import atomic_write_text
 
     outdir.mkdir(parents=True, exist_ok=True)
     written = []
@@ -126,9 +127,7 @@ def write_result(result, outdir: Path, case: str, save_probabilities: bool = Fal
             for lid, les in sorted(result.lesions.items())
         },
     }
-    tmp = outdir / f".{case}_summary.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=2))
-    os.replace(tmp, outdir / f"{case}_summary.json")
+    atomic_write_text(outdir / f"{case}_summary.json", json.dumps(summary, indent=2))
     written.append(outdir / f"{case}_summary.json")
     return written
 

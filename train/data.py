@@ -29,6 +29,7 @@ from LesionLocatorLib.image_io import read_image
 from LesionLocatorLib.plans import ModelConfig
 from LesionLocatorLib.preprocessing import clip_ranges, normalize_ct, plan_grid
 from LesionLocatorLib.prompts import BALL_RADIUS, encode_box_at, encode_point_at
+from LesionLocatorLib.report import atomic_write_text
 from LesionLocatorLib.resampling import whole_box
 
 PROMPT_KINDS = ("point", "box", "mask")
@@ -113,9 +114,7 @@ def cache_case(name: str, dataset: str, image: Volume, labels: Volume, config: M
     boxes = _lesion_boxes(seg)
     meta = {"name": name, "dataset": dataset, "source_key": source_key, "shape": list(img.shape),
             "spacing": list(config.spacing), "lesion_boxes": {str(k): v for k, v in boxes.items()}}
-    tmp = d / f".{stem}.json.{os.getpid()}.tmp"
-    tmp.write_text(json.dumps(meta))
-    os.replace(tmp, meta_p)
+    atomic_write_text(meta_p, json.dumps(meta))  # a unique temp file: DDP ranks may cache the same case
     return load_cached(d, stem)
 
 

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -45,6 +44,7 @@ import torch
 from LesionLocatorLib.checkpoint import write_checkpoint
 from LesionLocatorLib.network import build_network
 from LesionLocatorLib.plans import config_from_dicts, make_dataset_json
+from LesionLocatorLib.report import atomic_write_text
 
 from . import data as D
 from .distributed import DistInfo, autocast
@@ -211,9 +211,7 @@ class PretrainTrainer(BaseTrainer):
                                        "input_channels": self.config.image_channels,
                                        "pretraining_heads": heads,
                                        "train_config": _jsonable(asdict(self.cfg))})
-        tmp = Path(self.cfg.output) / f".{HEADS_FILE}.tmp"
-        tmp.write_text(json.dumps(heads, indent=2), encoding="utf-8")
-        os.replace(tmp, Path(self.cfg.output) / HEADS_FILE)
+        atomic_write_text(Path(self.cfg.output) / HEADS_FILE, json.dumps(heads, indent=2))
         return path
 
 

@@ -18,9 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Sequence
 
@@ -30,6 +28,7 @@ from LesionLocatorLib.geometry import Volume
 from LesionLocatorLib.image_io import SUPPORTED_SUFFIXES, read_image, write_image
 from LesionLocatorLib.longitudinal import GROWTH_AMPLITUDES, make_followup, random_growth
 from LesionLocatorLib.phantom import make_phantom
+from LesionLocatorLib.report import atomic_write_text
 
 # Published CT foreground statistics (plans.json): the intensity augmentations are specified for
 # z-scored images, so HU inputs are normalised with these before and mapped back after.
@@ -246,13 +245,6 @@ def _child_seed(*key: int) -> int:
 # ---------------------------------------------------------------------------------------------------------
 # pairs
 # ---------------------------------------------------------------------------------------------------------
-def _atomic_json(obj: dict, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=".json", dir=path.parent)
-    with os.fdopen(fd, "w") as fh:
-        json.dump(obj, fh, indent=1, sort_keys=True)
-    os.replace(tmp, path)
-
-
 def _lesion_voxels(arr: np.ndarray) -> dict[int, int]:
     counts = np.bincount(arr.ravel().astype(np.int64))
     return {int(i): int(c) for i, c in enumerate(counts) if i > 0 and c > 0}
@@ -330,7 +322,7 @@ def synthesize(cases: Sequence[tuple[str, Volume, Volume] | tuple[str, Path, Pat
         "image_level": _augmentation_summary() if augment else None,
         "pairs": pairs,
     }
-    _atomic_json(manifest, out_dir / "manifest.json")
+    atomic_write_text(out_dir / "manifest.json", json.dumps(manifest, indent=1, sort_keys=True))
     return manifest
 
 
