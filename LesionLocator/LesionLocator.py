@@ -234,7 +234,7 @@ def volumeFromVolumeNode(volumeNode, copy: bool = True):
     """
     from vtk.util import numpy_support
 
-    from LesionLocatorLib.geometry import Volume
+    from LesionLocatorLib.core.geometry import Volume
 
     if volumeNode is None:
         raise LesionLocatorInputError("no volume selected")
@@ -608,7 +608,7 @@ def describeError(exc: BaseException) -> str:
                 "programs, or a LesionLocator server with more memory.")
     if isinstance(exc, (ModuleNotFoundError, DependencyError)):
         return text + "\nOpen 'Setup' and click 'Install dependencies'."
-    if type(exc).__module__.endswith("LesionLocatorLib.client"):
+    if type(exc).__module__.endswith("LesionLocatorLib.serve.client"):
         return text  # the client's errors already say what failed and what to do
     if isinstance(exc, (ConnectionError, TimeoutError)):
         return "The LesionLocator server is not reachable: " + text + "\nCheck the URL, the token and the network."
@@ -821,7 +821,7 @@ class LesionLocatorLogic(ScriptedLoadableModuleLogic):
         Prompts without a lesion id are an error (call :meth:`assignLesionIds` first): guessing would merge
         or split lesions silently.
         """
-        from LesionLocatorLib.prompts import Box, Point
+        from LesionLocatorLib.core.prompts import Box, Point
 
         prompts: dict[int, list] = {}
         for node in pointNodes:
@@ -999,7 +999,7 @@ class LesionLocatorLogic(ScriptedLoadableModuleLogic):
 
         Reads the segments as they are now (including edits made with the Segment Editor).
         """
-        from LesionLocatorLib.results import LesionMask, SegmentationResult
+        from LesionLocatorLib.core.results import LesionMask, SegmentationResult
 
         volume = volume if volume is not None else volumeFromVolumeNode(volumeNode)
         result = SegmentationResult(volume)
@@ -1044,7 +1044,7 @@ class LesionLocatorLogic(ScriptedLoadableModuleLogic):
         return folds, tta
 
     def _getSegmenter(self, kinds: Sequence[str]):
-        from LesionLocatorLib.segmenter import LesionSegmenter
+        from LesionLocatorLib.segment.segmenter import LesionSegmenter
 
         folds, tta = self._presetFoldsTta()
         key = (self.resolvedModelPath(), self.device, str(folds), tta)
@@ -1059,7 +1059,7 @@ class LesionLocatorLogic(ScriptedLoadableModuleLogic):
     def _getClient(self):
         """The server client (one server session, reused while URL and token stay the same)."""
         try:
-            from LesionLocatorLib.client import LesionLocatorClient
+            from LesionLocatorLib.serve.client import LesionLocatorClient
         except ImportError as exc:
             raise DependencyError(f"the LesionLocator server client cannot be loaded: {exc}") from exc
         if not self.serverUrl:
@@ -1089,8 +1089,8 @@ class LesionLocatorLogic(ScriptedLoadableModuleLogic):
 
         Returns a ``SegmentationResult`` on the baseline's grid with one lesion per id.
         """
-        from LesionLocatorLib.prompts import Box
-        from LesionLocatorLib.results import LesionMask, SegmentationResult
+        from LesionLocatorLib.core.prompts import Box
+        from LesionLocatorLib.core.results import LesionMask, SegmentationResult
 
         # flatten {lesion: [prompts]} to single-prompt jobs; a box replaces the points of its lesion
         flat: dict[int, Any] = {}
@@ -1175,10 +1175,10 @@ class LesionLocatorLogic(ScriptedLoadableModuleLogic):
 
     def _getTracker(self):
         try:
-            from LesionLocatorLib.tracker import LesionTracker
+            from LesionLocatorLib.track.tracker import LesionTracker
         except ImportError as exc:
-            raise DependencyError(f"this installation cannot track lesions (LesionLocatorLib.tracker: {exc})") from exc
-        from LesionLocatorLib.checkpoint import resolve_model_dir
+            raise DependencyError(f"this installation cannot track lesions (LesionLocatorLib.track.tracker: {exc})") from exc
+        from LesionLocatorLib.model.checkpoint import resolve_model_dir
 
         folds, tta = self._presetFoldsTta()
         key = (self.resolvedModelPath(), self.device, str(folds), tta)
@@ -1195,7 +1195,7 @@ class LesionLocatorLogic(ScriptedLoadableModuleLogic):
         Returns one ``SegmentationResult`` per follow-up; every baseline lesion appears in each of them
         (status 'not found' when the tracker lost it).
         """
-        from LesionLocatorLib.results import LesionMask, SegmentationResult
+        from LesionLocatorLib.core.results import LesionMask, SegmentationResult
 
         def report(fraction: float, message: str) -> None:
             if cancelEvent is not None and cancelEvent.is_set():
@@ -1214,7 +1214,7 @@ class LesionLocatorLogic(ScriptedLoadableModuleLogic):
             else:
                 import inspect
 
-                from LesionLocatorLib.prompts import Mask
+                from LesionLocatorLib.core.prompts import Mask
 
                 tracker = self._getTracker()
                 # the baseline masks are the prompts (published tracking: mask prompts on the baseline grid)
@@ -1227,7 +1227,7 @@ class LesionLocatorLogic(ScriptedLoadableModuleLogic):
     @staticmethod
     def completeTrackingResults(job: TrackJob, results) -> list:
         """One result per follow-up, each listing every tracked lesion (missing ones as 'not found')."""
-        from LesionLocatorLib.results import LesionMask
+        from LesionLocatorLib.core.results import LesionMask
 
         results = list(results)
         if len(results) != len(job.followUps):
@@ -1264,7 +1264,7 @@ class LesionLocatorLogic(ScriptedLoadableModuleLogic):
     # -- report ---------------------------------------------------------------------------------------
     def buildReport(self, volumeNodes: Sequence):
         """The longitudinal report of the current segments (baseline first, then the follow-ups)."""
-        from LesionLocatorLib.report import build_report_from_results
+        from LesionLocatorLib.measure.report import build_report_from_results
 
         volumeNodes = [n for n in volumeNodes if n is not None]
         if not volumeNodes:
@@ -1273,7 +1273,7 @@ class LesionLocatorLogic(ScriptedLoadableModuleLogic):
         if not any(r.lesions for r in results):
             raise LesionLocatorInputError("no lesion segmented yet")
         # every timepoint lists every lesion (a lesion missing at a timepoint is 'not found', not dropped)
-        from LesionLocatorLib.results import LesionMask
+        from LesionLocatorLib.core.results import LesionMask
 
         allIds = sorted({lid for r in results for lid in r.lesions})
         for r in results:
@@ -1398,7 +1398,7 @@ class LesionLocatorLogic(ScriptedLoadableModuleLogic):
 
 def _unionMasks(a, b):
     """Union of two lesion masks (crops on the same grid) -> a LesionMask over the union bbox."""
-    from LesionLocatorLib.results import LesionMask
+    from LesionLocatorLib.core.results import LesionMask
 
     if a.empty:
         return LesionMask(a.lesion_id, b.bbox, b.mask, None, b.status, a.center_voxel)
@@ -2008,7 +2008,7 @@ class LesionLocatorWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 # --------------------------------------------------------------------------------------------------
 def makeTinyTestModel(folder: str, seed: int = 0) -> str:
     """A tiny random-weight point + box model in the published layout (tests only; masks are meaningless)."""
-    from LesionLocatorLib.tiny_model import write_random_checkpoint
+    from LesionLocatorLib.model.tiny_model import write_random_checkpoint
 
     write_random_checkpoint(folder, kinds=("point", "box"), patch_size=(16, 16, 16), spacing=(2.0, 2.0, 2.0),
                             features_per_stage=(2, 4), n_blocks_per_stage=(1, 1), seed=seed)

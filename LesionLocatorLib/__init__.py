@@ -6,17 +6,17 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from .geometry import GeometryError, Volume  # noqa: F401
-from .image_io import ImageReadError, read_image, write_image  # noqa: F401
+from .core.geometry import GeometryError, Volume  # noqa: F401
+from .core.image_io import ImageReadError, read_image, write_image  # noqa: F401
 
 
 def __getattr__(name: str):
     if name == "LesionSegmenter":
-        from .segmenter import LesionSegmenter
+        from .segment.segmenter import LesionSegmenter
 
         return LesionSegmenter
     if name == "LesionTracker":
-        from .tracker import LesionTracker
+        from .track.tracker import LesionTracker
 
         return LesionTracker
     raise AttributeError(name)

@@ -39,8 +39,8 @@ ARCH = {
 
 
 def load_image(crop: bool = False):
-    from LesionLocatorLib.geometry import Volume
-    from LesionLocatorLib.image_io import read_image
+    from LesionLocatorLib.core.geometry import Volume
+    from LesionLocatorLib.core.image_io import read_image
 
     if LIDC.exists():
         img = read_image(LIDC)
@@ -75,7 +75,7 @@ def child(mode: str, ckpt: str, device: str) -> dict:
     """Run one measured action in this (fresh) process; peak RSS above the state just before it."""
     import torch
 
-    from LesionLocatorLib.segmenter import LesionSegmenter
+    from LesionLocatorLib.segment.segmenter import LesionSegmenter
 
     torch.set_grad_enabled(False)
     seg = LesionSegmenter.from_checkpoint(ckpt, "point", device=device)
@@ -109,8 +109,8 @@ def whole_scan_preprocessing(img, config) -> tuple[float, float]:
     import torch
     import torch.nn.functional as F
 
-    from LesionLocatorLib.preprocessing import nonzero_bbox, normalize_ct
-    from LesionLocatorLib.resampling import resampled_shape
+    from LesionLocatorLib.model.preprocessing import nonzero_bbox, normalize_ct
+    from LesionLocatorLib.model.resampling import resampled_shape
 
     t0 = time.perf_counter()
     crop = nonzero_bbox(img.array)
@@ -134,8 +134,8 @@ def main() -> None:
         return
     import torch
 
-    from LesionLocatorLib.segmenter import LesionSegmenter
-    from LesionLocatorLib.tiny_model import write_random_checkpoint
+    from LesionLocatorLib.segment.segmenter import LesionSegmenter
+    from LesionLocatorLib.model.tiny_model import write_random_checkpoint
 
     tmp = tempfile.mkdtemp(prefix="ll_bench_")
     ckpt = str(write_random_checkpoint(tmp, kinds=("point",), **ARCH[args.arch]))
@@ -165,7 +165,7 @@ def main() -> None:
     cfg = seg.model("point").config
     x = torch.zeros((1, 2, *cfg.patch_size), device=seg.device)
     net = seg.model("point").networks[0]
-    from LesionLocatorLib import devices
+    from LesionLocatorLib.model import devices
 
     with torch.inference_mode(), devices.autocast(seg.device):
         net(x)

@@ -3,7 +3,7 @@
     python benchmarks/server_latency.py [--devices cpu,cuda] [--model CKPT] [--arch small|resenc-l]
                                         [--clicks 20] [--image auto|synthetic|PATH] [--json OUT]
 
-For each device: one server process (python -m LesionLocatorLib.server) and one in-process
+For each device: one server process (python -m LesionLocatorLib.serve.server) and one in-process
 LesionSegmenter load the same checkpoint; clicks alternate between the two (so drift in a
 shared machine's load hits both alike), and the figures are the medians of the per-click
 times and of their paired differences.  Also measured: bytes sent / received per click,
@@ -37,7 +37,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from LesionLocatorLib.geometry import Volume  # noqa: E402
+from LesionLocatorLib.core.geometry import Volume  # noqa: E402
 
 LIDC = REPO.parent / "shared" / "data" / "lidc0314" / "LIDC-IDRI-0314_ct.nii.gz"
 LIDC_NODULE = (159, 243, 184)
@@ -90,9 +90,9 @@ def torch_no_grad(fn):  # noqa: ANN001, ANN201 - imports torch only when called
 def tiny_checkpoint(arch: str, out: Path, device: str = "cpu") -> Path:
     import torch
 
-    from LesionLocatorLib.checkpoint import write_checkpoint
-    from LesionLocatorLib.network import build_network
-    from LesionLocatorLib.plans import config_from_dicts, make_dataset_json, make_plans
+    from LesionLocatorLib.model.checkpoint import write_checkpoint
+    from LesionLocatorLib.model.network import build_network
+    from LesionLocatorLib.model.plans import config_from_dicts, make_dataset_json, make_plans
 
     patch, feats = ARCHS[arch]
     torch.manual_seed(0)
@@ -139,14 +139,14 @@ def pct(xs: list[float], q: float) -> float:
 
 def bench_device(device: str, ckpt: Path, vol: Volume, center: tuple[int, int, int], clicks: int,
                  upload_vols: dict[str, Volume]) -> dict:
-    from LesionLocatorLib.client import LesionLocatorClient, wait_for_server
-    from LesionLocatorLib.segmenter import LesionSegmenter
+    from LesionLocatorLib.serve.client import LesionLocatorClient, wait_for_server
+    from LesionLocatorLib.segment.segmenter import LesionSegmenter
 
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     log = tempfile.NamedTemporaryFile("w+", suffix=".log", delete=False)
-    proc = subprocess.Popen([sys.executable, "-m", "LesionLocatorLib.server", "-m", str(ckpt), "--port", str(port),
+    proc = subprocess.Popen([sys.executable, "-m", "LesionLocatorLib.serve.server", "-m", str(ckpt), "--port", str(port),
                              "--device", device, "--log-level", "warning"], stdout=log, stderr=subprocess.STDOUT,
                             cwd=str(REPO), env=env, start_new_session=True)
     out: dict = {"device": device}
@@ -295,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.image == "synthetic" or (args.image == "auto" and not LIDC.exists()):
         vol, center, name = synth, synth_center, "synthetic"
     else:
-        from LesionLocatorLib.image_io import read_image
+        from LesionLocatorLib.core.image_io import read_image
 
         path = LIDC if args.image == "auto" else Path(args.image)
         vol, name = read_image(path), path.name

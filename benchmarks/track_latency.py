@@ -54,7 +54,7 @@ def published_per_lesion(tracker, base, fu, mask) -> float:
     """The published per-lesion cost: preprocess both scans, full two-way GradICON forward, UNet pass."""
     import torch
 
-    from LesionLocatorLib.propagation import resize_trilinear, z_align
+    from LesionLocatorLib.track.propagation import resize_trilinear, z_align
 
     t0 = time.perf_counter()
     tracker._pp_cache.clear()
@@ -89,10 +89,10 @@ def main() -> None:
 
     from segment_latency import load_image
 
-    from LesionLocatorLib.geometry import Volume
-    from LesionLocatorLib.prompts import Mask
-    from LesionLocatorLib.tiny_model import write_random_checkpoint, write_random_track_checkpoint
-    from LesionLocatorLib.tracker import LesionTracker
+    from LesionLocatorLib.core.geometry import Volume
+    from LesionLocatorLib.core.prompts import Mask
+    from LesionLocatorLib.model.tiny_model import write_random_checkpoint, write_random_track_checkpoint
+    from LesionLocatorLib.track.tracker import LesionTracker
 
     arch_name = args.arch or ("published" if args.device.startswith("cuda") else "small")
     arch = dict(ARCH[arch_name])

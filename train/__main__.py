@@ -7,11 +7,11 @@ import sys
 from typing import Sequence
 
 COMMANDS = {
-    "segment": ("train.trainer_segment", "promptable segmentation fine-tuning (LesionLocatorTrainerSegment)"),
-    "track": ("train.trainer_track", "joint registration + segmentation training (LesionLocatorTrainerTrack)"),
-    "pretrain": ("train.pretrain", "multi-dataset supervised pretraining (1/sqrt dataset sampling)"),
-    "synthesize": ("train.synthesize", "synthetic longitudinal pairs (baseline -> follow-up)"),
-    "default-model": ("train.make_default_model", "train the small bundled default model"),
+    "segment": (".trainer_segment", "promptable segmentation fine-tuning (LesionLocatorTrainerSegment)"),
+    "track": (".trainer_track", "joint registration + segmentation training (LesionLocatorTrainerTrack)"),
+    "pretrain": (".pretrain", "multi-dataset supervised pretraining (1/sqrt dataset sampling)"),
+    "synthesize": (".synthesize", "synthetic longitudinal pairs (baseline -> follow-up)"),
+    "default-model": (".make_default_model", "train the small bundled default model"),
 }
 
 
@@ -27,9 +27,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             sub.add_parser(name, help=help_)
             continue
         p = sub.add_parser(name, help=help_)
-        importlib.import_module(module).add_arguments(p)
+        importlib.import_module(module, __package__).add_arguments(p)
     args = parser.parse_args(argv)
-    return int(importlib.import_module(COMMANDS[args.command][0]).run(args))
+    return int(importlib.import_module(COMMANDS[args.command][0], __package__).run(args))
 
 
 if __name__ == "__main__":

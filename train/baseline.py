@@ -16,7 +16,7 @@ from typing import Sequence
 import numpy as np
 from scipy import ndimage
 
-from LesionLocatorLib.geometry import Volume
+from LesionLocatorLib.core.geometry import Volume
 
 
 class BaselineError(ValueError):

@@ -24,13 +24,13 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
-from LesionLocatorLib.geometry import Volume
-from LesionLocatorLib.image_io import read_image
-from LesionLocatorLib.plans import ModelConfig
-from LesionLocatorLib.preprocessing import clip_ranges, normalize_ct, plan_grid
-from LesionLocatorLib.prompts import BALL_RADIUS, encode_box_at, encode_point_at
-from LesionLocatorLib.report import atomic_write_text
-from LesionLocatorLib.resampling import whole_box
+from LesionLocatorLib.core.geometry import Volume
+from LesionLocatorLib.core.image_io import read_image
+from LesionLocatorLib.model.plans import ModelConfig
+from LesionLocatorLib.model.preprocessing import clip_ranges, normalize_ct, plan_grid
+from LesionLocatorLib.core.prompts import BALL_RADIUS, encode_box_at, encode_point_at
+from LesionLocatorLib.measure.report import atomic_write_text
+from LesionLocatorLib.model.resampling import whole_box
 
 PROMPT_KINDS = ("point", "box", "mask")
 CACHE_VERSION = 1
@@ -175,8 +175,8 @@ def load_case_files(entries: Iterable[Mapping], config: ModelConfig, cache_dir: 
 def phantom_cases(n: int, config: ModelConfig, cache_dir: str | os.PathLike, seed: int = 0,
                   shape: Sequence[int] = (64, 128, 128), spacing: Sequence[float] = (2.0, 1.5, 1.5),
                   n_lesions: int = 3, dataset: str = "phantom") -> list[Case]:
-    """``n`` phantoms from :func:`LesionLocatorLib.phantom.make_phantom`, preprocessed and cached."""
-    from LesionLocatorLib.phantom import make_phantom
+    """``n`` phantoms from :func:`LesionLocatorLib.synthetic.phantom.make_phantom`, preprocessed and cached."""
+    from LesionLocatorLib.synthetic.phantom import make_phantom
 
     out = []
     for i in range(n):
@@ -380,7 +380,7 @@ def make_sample(case: Case, lesion: int, kind: str, patch: Sequence[int], rng: n
         prm = _resize(prm, p, "nearest")
         tgt = _resize(tgt, p, "nearest")
     if augment:
-        from train.synthesize import augment_pair
+        from .synthesize import augment_pair
 
         lab2 = (tgt.astype(np.int16) + 2 * prm.astype(np.int16))  # move prompt and target together
         img, lab2 = augment_pair(img.astype(np.float32), lab2, seed=int(aug_seed if aug_seed is not None

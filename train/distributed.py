@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from LesionLocatorLib.devices import resolve_device
+from LesionLocatorLib.model.devices import resolve_device
 
 
 @dataclass

@@ -17,8 +17,8 @@ from typing import Sequence
 import numpy as np
 from scipy import ndimage
 
-from LesionLocatorLib.geometry import Volume
-from LesionLocatorLib.phantom import _largest_component, _random_rotation
+from LesionLocatorLib.core.geometry import Volume
+from LesionLocatorLib.synthetic.phantom import _largest_component, _random_rotation
 
 # Host classes by HU on the original grid: soft tissue (fat to enhanced organ) and aerated lung.
 SOFT_HU = (-150.0, 200.0)
@@ -195,7 +195,7 @@ def pasted_cases(backgrounds: Sequence[tuple[str, str | None]], n: int, config, 
     import json
     from pathlib import Path
 
-    from LesionLocatorLib.image_io import read_image
+    from LesionLocatorLib.core.image_io import read_image
 
     from . import data as D
 

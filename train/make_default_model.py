@@ -6,7 +6,7 @@
 Stages:
 1. ``train``: one small promptable ResEnc UNet trained with this project's segmentation trainer
    (``train.trainer_segment``) on lesions pasted into the real CTs of ``<data>`` (``train/lesion_paste.py``),
-   phantoms (``LesionLocatorLib.phantom``) and the real DeepLesion lesions of ``<data>/cases.json``, prompts
+   phantoms (``LesionLocatorLib.synthetic.phantom``) and the real DeepLesion lesions of ``<data>/cases.json``, prompts
    mixed (point or box per sample). The held-out STS images are never used, not even as backgrounds.
 2. ``export``: the final weights (stored as float16) into the published layout
    ``<output>/LesionLocatorCheckpoint/LesionLocatorSeg/{point_optimized,bbox_optimized}/`` - the same
@@ -29,11 +29,11 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from LesionLocatorLib.checkpoint import write_checkpoint
-from LesionLocatorLib.image_io import read_image
-from LesionLocatorLib.metrics import dice, normalized_surface_dice
-from LesionLocatorLib.phantom import make_phantom
-from LesionLocatorLib.plans import config_from_dicts, make_dataset_json, make_plans
+from LesionLocatorLib.model.checkpoint import write_checkpoint
+from LesionLocatorLib.core.image_io import read_image
+from LesionLocatorLib.measure.metrics import dice, normalized_surface_dice
+from LesionLocatorLib.synthetic.phantom import make_phantom
+from LesionLocatorLib.model.plans import config_from_dicts, make_dataset_json, make_plans
 
 from . import data as D
 from .baseline import region_grow
@@ -176,7 +176,7 @@ def _score(pred: np.ndarray, gt: np.ndarray, spacing) -> dict[str, float]:
 def evaluate(package: Path, data_root: Path, seed: int = 0, n_random_points: int = 4, n_phantoms: int = 3,
              include_training_cases: bool = True) -> dict[str, Any]:
     """Dice / NSD of the packaged model and the region-growing baseline on the same prompts."""
-    from LesionLocatorLib.segmenter import LesionSegmenter
+    from LesionLocatorLib.segment.segmenter import LesionSegmenter
 
     seg = LesionSegmenter.from_checkpoint(package, ["point", "box"], device="cpu", tta=False)
     # mirroring TTA (8 passes; off by default in the CLI) reported alongside, on the same prompts
@@ -240,12 +240,12 @@ def evaluate(package: Path, data_root: Path, seed: int = 0, n_random_points: int
 
 def evaluate_tracking(package: Path, data_root: Path, seed: int = 0, n_phantoms: int = 2) -> dict[str, Any]:
     """Tracking with the packaged model (classical propagation) into synthetic follow-ups of the held-out
-    real cases and of held-out phantoms (``LesionLocatorLib.longitudinal.make_followup``: lesion growth or
+    real cases and of held-out phantoms (``LesionLocatorLib.synthetic.longitudinal.make_followup``: lesion growth or
     shrinkage, a 6 mm shift, a smooth 2 mm deformation). The baseline mask given is the ground truth, so the
     figures isolate tracking. Compared in the same run: ``refine="segment"`` (the model re-segments each
     lesion from its propagated mask; the shipped default) against ``refine="none"`` (the warped mask)."""
-    from LesionLocatorLib.longitudinal import make_followup
-    from LesionLocatorLib.tracker import LesionTracker
+    from LesionLocatorLib.synthetic.longitudinal import make_followup
+    from LesionLocatorLib.track.tracker import LesionTracker
 
     items = []
     for c in real_cases(data_root):

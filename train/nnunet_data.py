@@ -110,7 +110,7 @@ def write_raw_dataset(raw_root: str | os.PathLike, dataset_id: int, name: str,
                       channel_names: Mapping[str, str] | None = None, file_ending: str = ".nii.gz") -> Path:
     """Write ``(case_id, image Volume, label Volume)`` items as an nnU-Net v2 raw dataset (one channel) and
     return its folder ``raw_root/DatasetXXX_Name``."""
-    from LesionLocatorLib.image_io import write_image
+    from LesionLocatorLib.core.image_io import write_image
 
     folder = Path(raw_root) / dataset_folder_name(dataset_id, name)
     n = 0
@@ -129,9 +129,9 @@ def write_raw_dataset(raw_root: str | os.PathLike, dataset_id: int, name: str,
 def write_phantom_raw_dataset(raw_root: str | os.PathLike, dataset_id: int, name: str = "Phantom", n_cases: int = 3,
                               shape: Sequence[int] = (32, 48, 48), spacing: Sequence[float] = (2.5, 2.0, 2.0),
                               seed: int = 0, kind: str = "lesion", n_lesions: int = 2) -> Path:
-    """Phantoms (``LesionLocatorLib.phantom``) as an nnU-Net raw dataset. ``kind='lesion'``: labels
+    """Phantoms (``LesionLocatorLib.synthetic.phantom``) as an nnU-Net raw dataset. ``kind='lesion'``: labels
     {background, lesion} (all lesion instances); ``kind='organs'``: {background, lung, liver, lesion}."""
-    from LesionLocatorLib.phantom import TISSUES, make_phantom, phantom_tissue_map
+    from LesionLocatorLib.synthetic.phantom import TISSUES, make_phantom, phantom_tissue_map
 
     if kind not in ("lesion", "organs"):
         raise NnunetDataError(f"kind must be 'lesion' or 'organs', got {kind!r}")

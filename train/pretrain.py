@@ -17,7 +17,7 @@ proportional to 1/sqrt(number of images) (MultiTalent), SGD lr 1e-2 with poly de
   every case-list dataset is one dataset with one class, "lesion" = any label > 0);
 * sampling: per sample a dataset with probability proportional to 1/sqrt(its number of images), then a patch of
   it (a random location, or with probability ``--foreground-prob`` = 1/3 centred on a foreground voxel);
-* network: ours - the plans' ResEnc UNet built by ``LesionLocatorLib.network.build_network`` (1 input channel,
+* network: ours - the plans' ResEnc UNet built by ``LesionLocatorLib.model.network.build_network`` (1 input channel,
   deep supervision) with MultiTalent's per-dataset heads: every foreground class of every dataset owns one output
   channel (layout printed at start, stored in the checkpoint and in ``OUT/pretraining_heads.json``);
 * loss: MultiTalent's - per-class sigmoid, BCE + soft Dice over the channels of the sample's own dataset only
@@ -41,10 +41,10 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from LesionLocatorLib.checkpoint import write_checkpoint
-from LesionLocatorLib.network import build_network
-from LesionLocatorLib.plans import config_from_dicts, make_dataset_json
-from LesionLocatorLib.report import atomic_write_text
+from LesionLocatorLib.model.checkpoint import write_checkpoint
+from LesionLocatorLib.model.network import build_network
+from LesionLocatorLib.model.plans import config_from_dicts, make_dataset_json
+from LesionLocatorLib.measure.report import atomic_write_text
 
 from . import data as D
 from .distributed import DistInfo, autocast

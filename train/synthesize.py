@@ -5,7 +5,7 @@
 
 Each follow-up is the baseline after the published synthetic-data recipe (supplement, section 7):
 lesion-level growth / shrinkage with amplitudes drawn from {-22, -18, 15, 25}
-(:mod:`LesionLocatorLib.longitudinal`), then the image-level augmentation of :func:`augment_pair`
+(:mod:`LesionLocatorLib.synthetic.longitudinal`), then the image-level augmentation of :func:`augment_pair`
 (batchgeneratorsv2). Instance ids match between baseline and follow-up. Output layout::
 
     OUT/manifest.json
@@ -24,11 +24,11 @@ from typing import Sequence
 
 import numpy as np
 
-from LesionLocatorLib.geometry import Volume
-from LesionLocatorLib.image_io import SUPPORTED_SUFFIXES, read_image, write_image
-from LesionLocatorLib.longitudinal import GROWTH_AMPLITUDES, make_followup, random_growth
-from LesionLocatorLib.phantom import make_phantom
-from LesionLocatorLib.report import atomic_write_text
+from LesionLocatorLib.core.geometry import Volume
+from LesionLocatorLib.core.image_io import SUPPORTED_SUFFIXES, read_image, write_image
+from LesionLocatorLib.synthetic.longitudinal import GROWTH_AMPLITUDES, make_followup, random_growth
+from LesionLocatorLib.synthetic.phantom import make_phantom
+from LesionLocatorLib.measure.report import atomic_write_text
 
 # Published CT foreground statistics (plans.json): the intensity augmentations are specified for
 # z-scored images, so HU inputs are normalised with these before and mapped back after.

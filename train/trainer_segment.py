@@ -27,9 +27,9 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from LesionLocatorLib.checkpoint import CheckpointError, write_checkpoint
-from LesionLocatorLib.network import build_network
-from LesionLocatorLib.plans import PlansError, config_from_dicts, make_dataset_json, make_plans, resolve_configuration
+from LesionLocatorLib.model.checkpoint import CheckpointError, write_checkpoint
+from LesionLocatorLib.model.network import build_network
+from LesionLocatorLib.model.plans import PlansError, config_from_dicts, make_dataset_json, make_plans, resolve_configuration
 
 from . import data as D
 from .distributed import (DistInfo, all_reduce_mean, all_reduce_sum, autocast, barrier, cleanup, grad_scaler,
@@ -435,7 +435,7 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--cases", type=Path, action="append", default=[],
                    help="JSON list of {dataset, image, labels[, name]} (repeatable)")
     g.add_argument("--val-cases", type=Path, action="append", default=[], help="validation case list(s)")
-    g.add_argument("--phantoms", type=int, default=0, help="add this many phantom cases (LesionLocatorLib.phantom)")
+    g.add_argument("--phantoms", type=int, default=0, help="add this many phantom cases (LesionLocatorLib.synthetic.phantom)")
     g.add_argument("--val-phantoms", type=int, default=0, help="phantom cases for validation (other seeds)")
     g.add_argument("--cache", type=Path, help="preprocessed-case cache (default OUTPUT/preprocessed)")
 

@@ -33,11 +33,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from LesionLocatorLib.checkpoint import load_weights_strict, write_checkpoint
-from LesionLocatorLib.network import build_network
-from LesionLocatorLib.plans import CONFIGURATION, PlansError, config_from_dicts, make_dataset_json
-from LesionLocatorLib.propagation import resize_nearest_exact, resize_trilinear, z_align
-from LesionLocatorLib.registration_net import (REGISTRATION_SHAPE, build_registration_network,
+from LesionLocatorLib.model.checkpoint import load_weights_strict, write_checkpoint
+from LesionLocatorLib.model.network import build_network
+from LesionLocatorLib.model.plans import CONFIGURATION, PlansError, config_from_dicts, make_dataset_json
+from LesionLocatorLib.track.propagation import resize_nearest_exact, resize_trilinear, z_align
+from LesionLocatorLib.model.registration_net import (REGISTRATION_SHAPE, build_registration_network,
                                                load_registration_weights, warp_with_icon_map)
 
 from . import data as D
@@ -117,7 +117,7 @@ def load_manifest_pairs(pairs_dir: Path, config, cache: Path) -> list[Pair]:
 def phantom_pairs(n: int, per_case: int, config, cache: Path, seed: int = 0,
                   shape: Sequence[int] = (64, 128, 128), spacing: Sequence[float] = (2.0, 1.5, 1.5)) -> list[Pair]:
     """Phantom baselines with synthetic follow-ups (``train.synthesize.synthesize_pair``), cached."""
-    from LesionLocatorLib.phantom import make_phantom
+    from LesionLocatorLib.synthetic.phantom import make_phantom
     from .synthesize import synthesize_pair
 
     bs, fs = [], []
@@ -328,8 +328,8 @@ class TrackTrainer(BaseTrainer):
 
 def load_track_network(model_dir: str | Path, fold: int = 0) -> TrackNetwork:
     """Rebuild a Track checkpoint written by this trainer (or the published one) for inference."""
-    from LesionLocatorLib.checkpoint import load_checkpoint
-    from LesionLocatorLib.plans import load_model_config
+    from LesionLocatorLib.model.checkpoint import load_checkpoint
+    from LesionLocatorLib.model.plans import load_model_config
 
     model_dir = Path(model_dir)
     plans = json.loads((model_dir / "plans.json").read_text())

@@ -35,7 +35,7 @@ def lung_ct(seed: int, shift: int = 0):
     """Lung-like background (-700 HU) with one soft-tissue nodule, moved by ``shift`` voxels in y."""
     import numpy as np
 
-    from LesionLocatorLib.geometry import Volume
+    from LesionLocatorLib.core.geometry import Volume
 
     r = np.random.default_rng(seed)
     a = r.normal(-700, 50, (30, 48, 44))

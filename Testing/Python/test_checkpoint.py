@@ -6,12 +6,12 @@ import zipfile
 import pytest
 import torch
 
-from LesionLocatorLib.checkpoint import (CheckpointError, available_folds, load_checkpoint, resolve_model_dir,
+from LesionLocatorLib.model.checkpoint import (CheckpointError, available_folds, load_checkpoint, resolve_model_dir,
                                          select_folds)
-from LesionLocatorLib.network import build_network, count_parameters
-from LesionLocatorLib.plans import PlansError, config_from_dicts, load_model_config, make_dataset_json, make_plans
-from LesionLocatorLib.segmenter import LesionSegmenter
-from LesionLocatorLib.tiny_model import write_random_checkpoint
+from LesionLocatorLib.model.network import build_network, count_parameters
+from LesionLocatorLib.model.plans import PlansError, config_from_dicts, load_model_config, make_dataset_json, make_plans
+from LesionLocatorLib.segment.segmenter import LesionSegmenter
+from LesionLocatorLib.model.tiny_model import write_random_checkpoint
 
 
 @pytest.fixture(scope="module")

@@ -6,15 +6,15 @@ import pytest
 import SimpleITK as sitk
 
 from conftest import DATA, require
-from LesionLocatorLib.classical_registration import (
+from LesionLocatorLib.track.classical_registration import (
     ClassicalPropagator,
     RegistrationError,
     register_classical,
     transform_to_deformation,
 )
-from LesionLocatorLib.geometry import Volume
-from LesionLocatorLib.image_io import read_image, volume_from_sitk, volume_to_sitk
-from LesionLocatorLib.propagation import warp_points
+from LesionLocatorLib.core.geometry import Volume
+from LesionLocatorLib.core.image_io import read_image, volume_from_sitk, volume_to_sitk
+from LesionLocatorLib.track.propagation import warp_points
 
 
 def dice(a: np.ndarray, b: np.ndarray) -> float:
@@ -177,9 +177,9 @@ def test_real_ct_oblique_anisotropic_followup_grid(sts002):
 def test_command_line_register(tmp_path):
     import argparse
 
-    from LesionLocatorLib import classical_registration
-    from LesionLocatorLib.geometry import GeometryError
-    from LesionLocatorLib.image_io import write_image
+    from LesionLocatorLib.track import classical_registration
+    from LesionLocatorLib.core.geometry import GeometryError
+    from LesionLocatorLib.core.image_io import write_image
 
     image, mask = phantom()
     t = known_transform(volume_to_sitk(image), (8.0, 0.0, 0.0), 2.0, seed=5)

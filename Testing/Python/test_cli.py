@@ -6,12 +6,12 @@ import sys
 import numpy as np
 import pytest
 
-from LesionLocatorLib.cli import main
-from LesionLocatorLib.geometry import Volume
-from LesionLocatorLib.image_io import read_image, write_image
-from LesionLocatorLib.longitudinal import make_followup
-from LesionLocatorLib.phantom import make_phantom
-from LesionLocatorLib.tiny_model import write_random_checkpoint
+from LesionLocatorLib.cli.main import main
+from LesionLocatorLib.core.geometry import Volume
+from LesionLocatorLib.core.image_io import read_image, write_image
+from LesionLocatorLib.synthetic.longitudinal import make_followup
+from LesionLocatorLib.synthetic.phantom import make_phantom
+from LesionLocatorLib.model.tiny_model import write_random_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -109,11 +109,11 @@ def test_track_command_writes_every_timepoint_and_report(setup):
 
 def test_help_documents_every_command():
     for cmd in ("segment", "track", "evaluate", "serve", "demo"):
-        r = subprocess.run([sys.executable, "-m", "LesionLocatorLib.cli", cmd, "--help"], capture_output=True,
+        r = subprocess.run([sys.executable, "-m", "LesionLocatorLib.cli.main", cmd, "--help"], capture_output=True,
                            text=True, timeout=120)
         assert r.returncode == 0, r.stderr
         assert "usage:" in r.stdout
-    r = subprocess.run([sys.executable, "-m", "LesionLocatorLib.cli", "segment", "--help"], capture_output=True,
+    r = subprocess.run([sys.executable, "-m", "LesionLocatorLib.cli.main", "segment", "--help"], capture_output=True,
                        text=True, timeout=120)
     for flag in ("--prompt-type", "--folds", "--tta", "--device", "--server", "point_lps"):
         assert flag in r.stdout

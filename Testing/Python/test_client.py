@@ -1,4 +1,4 @@
-"""LesionLocatorClient against a real server in a separate process (python -m LesionLocatorLib.server),
+"""LesionLocatorClient against a real server in a separate process (python -m LesionLocatorLib.serve.server),
 plus its error hierarchy against small loopback HTTP servers that misbehave on purpose."""
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from LesionLocatorLib.client import (
+from LesionLocatorLib.serve.client import (
     AuthenticationError,
     LesionLocatorClient,
     ProtocolMismatch,
@@ -31,10 +31,10 @@ from LesionLocatorLib.client import (
     client_from_args,
     wait_for_server,
 )
-from LesionLocatorLib.geometry import Volume
-from LesionLocatorLib.prompts import Box, Point
-from LesionLocatorLib.segmenter import LesionSegmenter
-from LesionLocatorLib.tiny_model import write_random_checkpoint, write_random_track_checkpoint
+from LesionLocatorLib.core.geometry import Volume
+from LesionLocatorLib.core.prompts import Box, Point
+from LesionLocatorLib.segment.segmenter import LesionSegmenter
+from LesionLocatorLib.model.tiny_model import write_random_checkpoint, write_random_track_checkpoint
 
 from conftest import lung_ct
 
@@ -67,7 +67,7 @@ def ct(shape=(30, 40, 36), seed=0) -> Volume:
 
 
 class ServerProcess:
-    """``python -m LesionLocatorLib.server`` as a child process on a free loopback port."""
+    """``python -m LesionLocatorLib.serve.server`` as a child process on a free loopback port."""
 
     def __init__(self, checkpoint: Path, tmp: Path):
         self.port = free_port()
@@ -78,7 +78,7 @@ class ServerProcess:
                    OMP_NUM_THREADS="1")
         self.log = open(tmp / "server.log", "w")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "LesionLocatorLib.server", "-m", str(checkpoint), "--host", "127.0.0.1",
+            [sys.executable, "-m", "LesionLocatorLib.serve.server", "-m", str(checkpoint), "--host", "127.0.0.1",
              "--port", str(self.port), "--device", "cpu", "--token-file", str(token_file), "--log-level", "warning"],
             cwd=str(REPO), env=env, stdout=self.log, stderr=subprocess.STDOUT)
         try:
@@ -132,7 +132,7 @@ def test_separate_process_round_trip(server, checkpoint):
 def test_separate_process_learned_tracking(server, checkpoint):
     """With a LesionLocatorTrack model the server tracks the published way (registration net + Track UNet),
     and its answer equals the in-process LesionTracker's."""
-    from LesionLocatorLib.tracker import LesionTracker
+    from LesionLocatorLib.track.tracker import LesionTracker
 
     base, fu1, fu2 = lung_ct(1), lung_ct(2, 2), lung_ct(3, 3)
     local = LesionTracker.from_checkpoint(checkpoint, device="cpu")

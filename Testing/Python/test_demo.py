@@ -3,9 +3,9 @@ import json
 
 import pytest
 
-from LesionLocatorLib.bundled import BundledModelMissing, default_checkpoint
-from LesionLocatorLib.cli import main
-from LesionLocatorLib.image_io import read_image
+from LesionLocatorLib.model.bundled import BundledModelMissing, default_checkpoint
+from LesionLocatorLib.cli.main import main
+from LesionLocatorLib.core.image_io import read_image
 
 
 def test_demo_end_to_end(tmp_path, capsys):

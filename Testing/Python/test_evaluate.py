@@ -9,9 +9,9 @@ import math
 import numpy as np
 import pytest
 
-from LesionLocatorLib.evaluate import EvaluationError, add_arguments, evaluate_folder, load_patients, run
-from LesionLocatorLib.geometry import Volume
-from LesionLocatorLib.image_io import write_image
+from LesionLocatorLib.measure.evaluate import EvaluationError, add_arguments, evaluate_folder, load_patients, run
+from LesionLocatorLib.core.geometry import Volume
+from LesionLocatorLib.core.image_io import write_image
 
 SP = (3.0, 1.0, 1.0)
 NSD_SHIFT = 114 / 164  # 4x5x5 box shifted one 3 mm slice, tau 2 mm (derived in test_metrics)
@@ -164,8 +164,8 @@ def test_real_sarcoma_gtv_shifted(shared_data, tmp_path):
     The centre moves by exactly 2 x 3.27 = 6.54 mm (a hit, MED 6.54); the cropped per-lesion
     Dice / NSD of the folder evaluation must equal the metrics on the full arrays.
     """
-    from LesionLocatorLib.image_io import read_image
-    from LesionLocatorLib.metrics import dice, normalized_surface_dice
+    from LesionLocatorLib.core.image_io import read_image
+    from LesionLocatorLib.measure.metrics import dice, normalized_surface_dice
 
     path = shared_data / "sts" / "STS_002_lesions.nii.gz"
     if not path.exists():
@@ -191,7 +191,7 @@ def test_real_sarcoma_gtv_shifted(shared_data, tmp_path):
 def test_published_one_file_per_lesion_layout(seg_folders):
     """<case>_lesion_<k> files (the published tool's output) score like one merged label map."""
     pred, gt, tmp = seg_folders
-    from LesionLocatorLib.image_io import read_image
+    from LesionLocatorLib.core.image_io import read_image
 
     merged = read_image(pred / "a.nii.gz").array
     (pred / "a.nii.gz").unlink()

@@ -3,8 +3,8 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from LesionLocatorLib.geometry import GeometryError, Volume
-from LesionLocatorLib.image_io import volume_to_sitk
+from LesionLocatorLib.core.geometry import GeometryError, Volume
+from LesionLocatorLib.core.image_io import volume_to_sitk
 
 
 def rotation(deg_z: float, deg_x: float) -> np.ndarray:

@@ -3,8 +3,8 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from LesionLocatorLib.geometry import Volume
-from LesionLocatorLib.image_io import ImageReadError, read_image, write_image
+from LesionLocatorLib.core.geometry import Volume
+from LesionLocatorLib.core.image_io import ImageReadError, read_image, write_image
 
 from conftest import DATA, require
 

@@ -1,4 +1,4 @@
-"""Tests for LesionLocatorLib.longitudinal: growth field sign, vanishing, physical-space motion, z extent."""
+"""Tests for LesionLocatorLib.synthetic.longitudinal: growth field sign, vanishing, physical-space motion, z extent."""
 from __future__ import annotations
 
 import json
@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from LesionLocatorLib.geometry import GeometryError, Volume
-from LesionLocatorLib.longitudinal import (
+from LesionLocatorLib.core.geometry import GeometryError, Volume
+from LesionLocatorLib.synthetic.longitudinal import (
     GROWTH_AMPLITUDES,
     FollowupError,
     apply_lesion_growth,
@@ -18,7 +18,7 @@ from LesionLocatorLib.longitudinal import (
     random_growth,
     rotation_matrix,
 )
-from LesionLocatorLib.phantom import make_phantom
+from LesionLocatorLib.synthetic.phantom import make_phantom
 
 
 def _blob_case(radius: float = 8.0, shape=(40, 48, 48)) -> tuple[Volume, Volume]:

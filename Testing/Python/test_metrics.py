@@ -6,8 +6,8 @@ import math
 import numpy as np
 import pytest
 
-from LesionLocatorLib.geometry import Volume
-from LesionLocatorLib.metrics import (MetricError, aggregate, center_mm, dice, normalized_surface_dice,
+from LesionLocatorLib.core.geometry import Volume
+from LesionLocatorLib.measure.metrics import (MetricError, aggregate, center_mm, dice, normalized_surface_dice,
                                       surface_voxels, tracking_metrics)
 
 

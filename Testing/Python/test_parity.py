@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from LesionLocatorLib.image_io import read_image
-from LesionLocatorLib.preprocessing import normalize_ct
-from LesionLocatorLib.prompts import load_prompt_json
-from LesionLocatorLib.resampling import whole_box
-from LesionLocatorLib.segmenter import LesionSegmenter
+from LesionLocatorLib.core.image_io import read_image
+from LesionLocatorLib.model.preprocessing import normalize_ct
+from LesionLocatorLib.core.prompts import load_prompt_json
+from LesionLocatorLib.model.resampling import whole_box
+from LesionLocatorLib.segment.segmenter import LesionSegmenter
 
 from conftest import DATA, PARITY, require
 

@@ -1,4 +1,4 @@
-"""Tests for LesionLocatorLib.phantom: tissue HU, lesion instances, prompts, determinism, speed."""
+"""Tests for LesionLocatorLib.synthetic.phantom: tissue HU, lesion instances, prompts, determinism, speed."""
 from __future__ import annotations
 
 import json
@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from LesionLocatorLib.geometry import Volume
-from LesionLocatorLib.phantom import (
+from LesionLocatorLib.core.geometry import Volume
+from LesionLocatorLib.synthetic.phantom import (
     TISSUES,
     PhantomError,
     lesion_prompts,

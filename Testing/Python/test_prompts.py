@@ -4,10 +4,10 @@ import json
 import numpy as np
 import pytest
 
-from LesionLocatorLib.geometry import Volume
-from LesionLocatorLib.plans import config_from_dicts, make_dataset_json, make_plans
-from LesionLocatorLib.preprocessing import plan_grid
-from LesionLocatorLib.prompts import (Box, Mask, Point, PromptError, ball, box_to_resampled, encode_prompt,
+from LesionLocatorLib.core.geometry import Volume
+from LesionLocatorLib.model.plans import config_from_dicts, make_dataset_json, make_plans
+from LesionLocatorLib.model.preprocessing import plan_grid
+from LesionLocatorLib.core.prompts import (Box, Mask, Point, PromptError, ball, box_to_resampled, encode_prompt,
                                       load_prompt_json, point_to_resampled, prompts_from_label_map,
                                       prompts_to_json, validate)
 

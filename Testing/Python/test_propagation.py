@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from LesionLocatorLib.propagation import (
+from LesionLocatorLib.track.propagation import (
     Deformation,
     DeformationError,
     LearnedPropagator,
@@ -206,7 +206,7 @@ def test_deformation_reproduces_the_published_prompt_warp(za):
 
 
 def test_learned_propagator_identity_net_with_z_crop():
-    from LesionLocatorLib.registration_net import build_registration_network
+    from LesionLocatorLib.model.registration_net import build_registration_network
 
     torch.manual_seed(0)
     net = build_registration_network((1, 1, 65, 65, 65))  # untrained: identity transform
@@ -236,7 +236,7 @@ def test_learned_propagator_identity_net_with_z_crop():
 def test_learned_propagator_direction_and_scaling():
     """A network that outputs a constant +5-voxel z displacement on its 65^3 grid: on a 130-slice pair the
     follow-up voxel z samples baseline z + 10, so the lesion appears 10 slices lower in the follow-up."""
-    from LesionLocatorLib.registration_net import build_registration_network
+    from LesionLocatorLib.model.registration_net import build_registration_network
 
     torch.manual_seed(0)
     net = build_registration_network((1, 1, 65, 65, 65))

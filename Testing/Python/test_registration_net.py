@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from LesionLocatorLib.propagation import Deformation
-from LesionLocatorLib.registration_net import (
+from LesionLocatorLib.track.propagation import Deformation
+from LesionLocatorLib.model.registration_net import (
     MIN_REGISTRATION_EDGE,
     RegistrationNetError,
     build_registration_network,

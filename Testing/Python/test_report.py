@@ -8,10 +8,10 @@ import math
 import numpy as np
 import pytest
 
-from LesionLocatorLib.geometry import Volume
-from LesionLocatorLib.report import (LongitudinalReport, ReportError, axial_axis, build_report,
+from LesionLocatorLib.core.geometry import Volume
+from LesionLocatorLib.measure.report import (LongitudinalReport, ReportError, axial_axis, build_report,
                                      build_report_from_results, measure_lesion, recist_category, slice_diameters)
-from LesionLocatorLib.results import LesionMask, SegmentationResult, tight_bbox
+from LesionLocatorLib.core.results import LesionMask, SegmentationResult, tight_bbox
 
 
 def rot(axis: int, deg: float) -> np.ndarray:
@@ -275,7 +275,7 @@ def test_real_sarcoma_gtv_measurements(shared_data, case, long_mm, volume_ml):
     add at most one in-plane voxel diagonal (1.38 mm) to a centre-based caliper, so the long axis must lie
     in [listed - 0.5, listed + 0.5 + 1.38] mm.
     """
-    from LesionLocatorLib.image_io import read_image
+    from LesionLocatorLib.core.image_io import read_image
 
     path = shared_data / "sts" / f"{case}_lesions.nii.gz"
     if not path.exists():
@@ -292,8 +292,8 @@ def test_real_sarcoma_gtv_measurements(shared_data, case, long_mm, volume_ml):
 def test_report_on_synthetic_followup_matches_its_truth():
     """Phantom + synthetic follow-up (shifted, one lesion vanished): the report's volumes and world
     centres agree with the truth the generator records, computed independently there."""
-    from LesionLocatorLib.longitudinal import make_followup
-    from LesionLocatorLib.phantom import make_phantom
+    from LesionLocatorLib.synthetic.longitudinal import make_followup
+    from LesionLocatorLib.synthetic.phantom import make_phantom
 
     ct, lab = make_phantom(shape=(32, 64, 64), spacing=(2.0, 1.5, 1.5), n_lesions=3, seed=1)
     fu_ct, fu_lab, meta = make_followup(ct, lab, seed=0, shift_mm=(3.0, 0.0, -2.0), vanish=[2])
@@ -317,8 +317,8 @@ def test_report_on_synthetic_followup_matches_its_truth():
 def test_label_maps_and_cli(tmp_path, capsys):
     import argparse
 
-    from LesionLocatorLib.image_io import write_image
-    from LesionLocatorLib.report import add_arguments, build_report_from_label_maps, run
+    from LesionLocatorLib.core.image_io import write_image
+    from LesionLocatorLib.measure.report import add_arguments, build_report_from_label_maps, run
 
     shape = (3, 30, 60)
     paths = []

@@ -5,8 +5,8 @@ import torch
 import torch.nn.functional as F
 from skimage.transform import resize
 
-from LesionLocatorLib.plans import ResamplingSpec
-from LesionLocatorLib.resampling import GridResampler, resampled_shape, separate_z_axis, whole_box
+from LesionLocatorLib.model.plans import ResamplingSpec
+from LesionLocatorLib.model.resampling import GridResampler, resampled_shape, separate_z_axis, whole_box
 
 TORCH = ResamplingSpec("torch", force_separate_z=False)
 SCIPY = ResamplingSpec("scipy", force_separate_z=None, order_data=3, order_seg=1, order_z=0)

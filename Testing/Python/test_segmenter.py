@@ -6,13 +6,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from LesionLocatorLib.checkpoint import CheckpointError
-from LesionLocatorLib.geometry import GeometryError, Volume
-from LesionLocatorLib.preprocessing import normalize_ct
-from LesionLocatorLib.prompts import Box, Point, PromptError, encode_prompt
-from LesionLocatorLib.segmenter import LesionSegmenter
-from LesionLocatorLib.sliding_window import gaussian_importance, tiles_for_prompt
-from LesionLocatorLib.tiny_model import write_random_checkpoint
+from LesionLocatorLib.model.checkpoint import CheckpointError
+from LesionLocatorLib.core.geometry import GeometryError, Volume
+from LesionLocatorLib.model.preprocessing import normalize_ct
+from LesionLocatorLib.core.prompts import Box, Point, PromptError, encode_prompt
+from LesionLocatorLib.segment.segmenter import LesionSegmenter
+from LesionLocatorLib.model.sliding_window import gaussian_importance, tiles_for_prompt
+from LesionLocatorLib.model.tiny_model import write_random_checkpoint
 
 
 @pytest.fixture(scope="module")

@@ -22,17 +22,17 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from LesionLocatorLib.client import (
+from LesionLocatorLib.serve.client import (
     AuthenticationError,
     LesionLocatorClient,
     RequestRejected,
     SessionLost,
     wait_for_server,
 )
-from LesionLocatorLib.geometry import Volume
-from LesionLocatorLib.segmenter import LesionSegmenter
-from LesionLocatorLib.tiny_model import write_random_checkpoint
-from LesionLocatorLib.server import (
+from LesionLocatorLib.core.geometry import Volume
+from LesionLocatorLib.segment.segmenter import LesionSegmenter
+from LesionLocatorLib.model.tiny_model import write_random_checkpoint
+from LesionLocatorLib.serve.server import (
     ServerConfig,
     ServerConfigError,
     add_arguments,
@@ -41,8 +41,8 @@ from LesionLocatorLib.server import (
     create_app,
     run,
 )
-from LesionLocatorLib.sessions import SessionNotFound, SessionStore
-from LesionLocatorLib.wire import (
+from LesionLocatorLib.serve.sessions import SessionNotFound, SessionStore
+from LesionLocatorLib.serve.wire import (
     MASKS_MEDIA_TYPE,
     VOLUME_MEDIA_TYPE,
     content_hash,
@@ -186,7 +186,7 @@ def test_run_fails_cleanly_before_binding(checkpoint, tmp_path, capsys):
     (tmp_path / "empty_dir").mkdir()
     assert run(parser.parse_args(["-m", str(tmp_path / "empty_dir"), "--port", port])) == 2
     assert "no segmentation model" in capsys.readouterr().err
-    from LesionLocatorLib.bundled import BundledModelMissing, default_checkpoint
+    from LesionLocatorLib.model.bundled import BundledModelMissing, default_checkpoint
 
     try:
         default_checkpoint()
@@ -467,7 +467,7 @@ def test_inference_crash_is_500_and_the_server_keeps_serving(srv):
     """An image the model cannot resample (1 voxel at 0.1 mm) makes inference fail inside the segmenter."""
     with LesionLocatorClient(srv.url, token=TOKEN_A) as c:
         c.set_image(Volume(np.full((1, 1, 1), 5, np.int16), spacing=(0.1, 0.1, 0.1)))
-        from LesionLocatorLib.client import ServerInternalError
+        from LesionLocatorLib.serve.client import ServerInternalError
 
         with pytest.raises(ServerInternalError, match="500.*too small") as ei:
             c.segment(points={1: (0, 0, 0)})
@@ -665,8 +665,8 @@ def test_fuzz_binary_and_other_endpoints(srv, fuzz_session, junk, cut, path):
 
 
 def test_track_round_trip_equals_in_process(srv, checkpoint):
-    from LesionLocatorLib.prompts import Mask, Point
-    from LesionLocatorLib.tracker import LesionTracker
+    from LesionLocatorLib.core.prompts import Mask, Point
+    from LesionLocatorLib.track.tracker import LesionTracker
 
     info = raw(srv, "GET", "/v1/version").json()
     assert info["tracking"] is True, info["unavailable"]

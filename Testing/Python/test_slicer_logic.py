@@ -307,13 +307,13 @@ def test_thin_and_clipped_roi(LL, scene):
 
 # ----------------------------------------------------------------------------------------------- segments
 def _lesion(lid, bbox, mask, status="found"):
-    from LesionLocatorLib.results import LesionMask
+    from LesionLocatorLib.core.results import LesionMask
 
     return LesionMask(lid, tuple(bbox), np.asarray(mask, bool), None, status)
 
 
 def _result(vol, lesions):
-    from LesionLocatorLib.results import SegmentationResult
+    from LesionLocatorLib.core.results import SegmentationResult
 
     return SegmentationResult(vol, {l.lesion_id: l for l in lesions})
 
@@ -469,8 +469,8 @@ def tiny_model(tmp_path_factory, LL):
 
 
 def test_segment_with_real_segmenter_matches_direct_call(LL, scene, logic, tiny_model):
-    from LesionLocatorLib.prompts import Box, Point
-    from LesionLocatorLib.segmenter import LesionSegmenter
+    from LesionLocatorLib.core.prompts import Box, Point
+    from LesionLocatorLib.segment.segmenter import LesionSegmenter
 
     node, _ = make_volume_node(scene, shape_zyx=(14, 20, 22), spacing=(1.6, 1.8, 2.5))
     node.SetAndObserveTransformNodeID(add_linear_transform(scene, rigid(rotation(2, 8.0), (1, 1, 1))).GetID())
@@ -505,8 +505,8 @@ def test_segment_with_real_segmenter_matches_direct_call(LL, scene, logic, tiny_
 
 
 def test_several_points_of_one_lesion_are_merged(LL, scene, logic, tiny_model):
-    from LesionLocatorLib.prompts import Point
-    from LesionLocatorLib.segmenter import LesionSegmenter
+    from LesionLocatorLib.core.prompts import Point
+    from LesionLocatorLib.segment.segmenter import LesionSegmenter
 
     node, _ = make_volume_node(scene, shape_zyx=(12, 16, 16), directions=np.eye(3), spacing=(2.0, 2.0, 2.0))
     vol = LL.volumeFromVolumeNode(node)
@@ -558,13 +558,13 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def server_url(tiny_model, tmp_path_factory):
-    """``python -m LesionLocatorLib.server`` with the tiny model, as a child process on a loopback port."""
+    """``python -m LesionLocatorLib.serve.server`` with the tiny model, as a child process on a loopback port."""
     import os
     import subprocess
 
     for mod in ("fastapi", "uvicorn", "requests", "zstandard"):
         pytest.importorskip(mod)
-    from LesionLocatorLib.client import ServerError, wait_for_server
+    from LesionLocatorLib.serve.client import ServerError, wait_for_server
 
     tmp = tmp_path_factory.mktemp("server")
     token = "slicer-logic-test-token-0123456789"
@@ -572,7 +572,7 @@ def server_url(tiny_model, tmp_path_factory):
     port = _free_port()
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
     log = open(tmp / "server.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "LesionLocatorLib.server", "-m", tiny_model, "--host", "127.0.0.1",
+    proc = subprocess.Popen([sys.executable, "-m", "LesionLocatorLib.serve.server", "-m", tiny_model, "--host", "127.0.0.1",
                              "--port", str(port), "--device", "cpu", "--token-file", str(tmp / "tokens.txt"),
                              "--log-level", "warning", "--no-warmup"],
                             cwd=str(REPO), env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -690,7 +690,7 @@ def test_tracking_results_to_follow_up_segments(LL, scene, logic):
 
 
 def test_tracking_without_tracker_module_is_explained(LL, scene, logic, tiny_model):
-    if importlib.util.find_spec("LesionLocatorLib.tracker") is not None:
+    if importlib.util.find_spec("LesionLocatorLib.track.tracker") is not None:
         pytest.skip("this checkout has a tracker")
     base, _ = make_volume_node(scene, name="b")
     fu, _ = make_volume_node(scene, name="f")

@@ -1,7 +1,7 @@
 """Patch placement and sliding-window tiles (nnU-Net semantics)."""
 import numpy as np
 
-from LesionLocatorLib.sliding_window import gaussian_importance, sliding_window_steps, tiles_for_prompt, union_box
+from LesionLocatorLib.model.sliding_window import gaussian_importance, sliding_window_steps, tiles_for_prompt, union_box
 
 
 def test_steps_match_nnunet_formula():

@@ -10,9 +10,9 @@ import pytest
 pytest.importorskip("batchgeneratorsv2")
 torch = pytest.importorskip("torch")
 
-from LesionLocatorLib.geometry import Volume  # noqa: E402
-from LesionLocatorLib.image_io import read_image, write_image  # noqa: E402
-from LesionLocatorLib.phantom import make_phantom  # noqa: E402
+from LesionLocatorLib.core.geometry import Volume  # noqa: E402
+from LesionLocatorLib.core.image_io import read_image, write_image  # noqa: E402
+from LesionLocatorLib.synthetic.phantom import make_phantom  # noqa: E402
 from train import synthesize as syn  # noqa: E402
 
 TINY = ["--phantom-shape", "24", "48", "48", "--phantom-spacing", "5", "4", "4", "--phantom-lesions", "3"]

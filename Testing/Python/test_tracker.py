@@ -6,15 +6,15 @@ import numpy as np
 import pytest
 import torch
 
-from LesionLocatorLib.checkpoint import CheckpointError, write_checkpoint
-from LesionLocatorLib.geometry import Volume
-from LesionLocatorLib.image_io import ImageReadError, read_image, write_image
-from LesionLocatorLib.longitudinal import make_followup
-from LesionLocatorLib.metrics import tracking_metrics
-from LesionLocatorLib.phantom import make_phantom
-from LesionLocatorLib.prompts import Mask, PromptError
-from LesionLocatorLib.tiny_model import write_random_checkpoint, write_random_track_checkpoint
-from LesionLocatorLib.tracker import LesionTracker, TrackingError
+from LesionLocatorLib.model.checkpoint import CheckpointError, write_checkpoint
+from LesionLocatorLib.core.geometry import Volume
+from LesionLocatorLib.core.image_io import ImageReadError, read_image, write_image
+from LesionLocatorLib.synthetic.longitudinal import make_followup
+from LesionLocatorLib.measure.metrics import tracking_metrics
+from LesionLocatorLib.synthetic.phantom import make_phantom
+from LesionLocatorLib.core.prompts import Mask, PromptError
+from LesionLocatorLib.model.tiny_model import write_random_checkpoint, write_random_track_checkpoint
+from LesionLocatorLib.track.tracker import LesionTracker, TrackingError
 
 from conftest import DATA, require
 
@@ -89,8 +89,8 @@ def test_classical_without_track_model_and_lost_lesions(tmp_path, phantom):
 
 
 def test_point_prompts_are_segmented_on_the_baseline_first(package, phantom):
-    from LesionLocatorLib.phantom import lesion_prompts
-    from LesionLocatorLib.prompts import Point
+    from LesionLocatorLib.synthetic.phantom import lesion_prompts
+    from LesionLocatorLib.core.prompts import Point
 
     ct, lab = phantom
     pts = {int(k): Point(tuple(v["point"])) for k, v in lesion_prompts(lab.array).items()}
@@ -126,7 +126,7 @@ def test_bad_inputs(package, phantom, tmp_path):
     with pytest.raises(PromptError, match="empty"):
         tr.track(ct, [ct], {1: Mask(np.zeros(ct.shape, bool))})
     with pytest.raises(PromptError, match="outside"):
-        from LesionLocatorLib.prompts import Point
+        from LesionLocatorLib.core.prompts import Point
 
         tr.track(ct, [ct], {1: Point((500, 1, 1))})
     tiny = Volume(np.full((4, 4, 4), 40, np.int16), spacing=(1, 1, 1))

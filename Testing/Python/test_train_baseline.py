@@ -4,9 +4,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from LesionLocatorLib.geometry import Volume
-from LesionLocatorLib.metrics import dice
-from LesionLocatorLib.phantom import lesion_prompts, make_phantom
+from LesionLocatorLib.core.geometry import Volume
+from LesionLocatorLib.measure.metrics import dice
+from LesionLocatorLib.synthetic.phantom import lesion_prompts, make_phantom
 from train.baseline import BaselineError, region_grow
 
 

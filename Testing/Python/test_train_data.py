@@ -4,10 +4,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from LesionLocatorLib.phantom import make_phantom
-from LesionLocatorLib.plans import config_from_dicts, make_dataset_json, make_plans
-from LesionLocatorLib.preprocessing import plan_grid
-from LesionLocatorLib.prompts import ball
+from LesionLocatorLib.synthetic.phantom import make_phantom
+from LesionLocatorLib.model.plans import config_from_dicts, make_dataset_json, make_plans
+from LesionLocatorLib.model.preprocessing import plan_grid
+from LesionLocatorLib.core.prompts import ball
 from train import data as D
 
 

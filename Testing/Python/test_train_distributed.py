@@ -35,7 +35,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
     torch.set_num_threads(1)
     from pathlib import Path
 
-    from LesionLocatorLib.plans import config_from_dicts, make_dataset_json, make_plans
+    from LesionLocatorLib.model.plans import config_from_dicts, make_dataset_json, make_plans
     from train import data as D
     from train.trainer_segment import SegmentConfig, SegmentTrainer
 

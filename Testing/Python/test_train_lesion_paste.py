@@ -4,10 +4,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from LesionLocatorLib.geometry import Volume
-from LesionLocatorLib.image_io import write_image
-from LesionLocatorLib.phantom import make_phantom
-from LesionLocatorLib.plans import config_from_dicts, make_dataset_json, make_plans
+from LesionLocatorLib.core.geometry import Volume
+from LesionLocatorLib.core.image_io import write_image
+from LesionLocatorLib.synthetic.phantom import make_phantom
+from LesionLocatorLib.model.plans import config_from_dicts, make_dataset_json, make_plans
 from train import lesion_paste as P
 
 

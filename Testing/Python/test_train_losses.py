@@ -86,7 +86,7 @@ def test_poly_lr_and_sgd():
 
 
 def test_gradicon_loss_forward_small():
-    from LesionLocatorLib.registration_net import build_registration_network
+    from LesionLocatorLib.model.registration_net import build_registration_network
 
     torch.manual_seed(0)
     net = build_registration_network((1, 1, 65, 65, 65)).train()

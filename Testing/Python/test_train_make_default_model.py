@@ -1,4 +1,4 @@
-"""train.make_default_model + LesionLocatorLib.bundled: plans, split, export layout, the bundled package."""
+"""train.make_default_model + LesionLocatorLib.model.bundled: plans, split, export layout, the bundled package."""
 from __future__ import annotations
 
 import json
@@ -8,12 +8,12 @@ import pytest
 import torch
 
 from conftest import DATA, require
-from LesionLocatorLib import bundled
-from LesionLocatorLib.checkpoint import write_checkpoint
-from LesionLocatorLib.network import build_network
-from LesionLocatorLib.phantom import lesion_prompts, make_phantom
-from LesionLocatorLib.plans import config_from_dicts, make_dataset_json
-from LesionLocatorLib.segmenter import LesionSegmenter
+from LesionLocatorLib.model import bundled
+from LesionLocatorLib.model.checkpoint import write_checkpoint
+from LesionLocatorLib.model.network import build_network
+from LesionLocatorLib.synthetic.phantom import lesion_prompts, make_phantom
+from LesionLocatorLib.model.plans import config_from_dicts, make_dataset_json
+from LesionLocatorLib.segment.segmenter import LesionSegmenter
 from train import make_default_model as M
 
 
@@ -85,7 +85,7 @@ def test_paste_backgrounds_never_use_held_out_images():
 
 
 def test_evaluate_tracking_scores_refined_and_warped_masks(tmp_path):
-    from LesionLocatorLib.tiny_model import write_random_checkpoint
+    from LesionLocatorLib.model.tiny_model import write_random_checkpoint
 
     root = write_random_checkpoint(tmp_path / "ck", spacing=(2.0, 1.5, 1.5)) / "LesionLocatorCheckpoint"
     out = M.evaluate_tracking(root, tmp_path / "no_data", seed=0, n_phantoms=1)
@@ -99,7 +99,7 @@ def test_evaluate_tracking_scores_refined_and_warped_masks(tmp_path):
 
 
 def test_evaluate_scores_model_tta_and_baseline_on_the_same_prompts(tmp_path):
-    from LesionLocatorLib.tiny_model import write_random_checkpoint
+    from LesionLocatorLib.model.tiny_model import write_random_checkpoint
 
     root = write_random_checkpoint(tmp_path / "ck", spacing=(2.0, 1.5, 1.5)) / "LesionLocatorCheckpoint"
     out = M.evaluate(root, tmp_path / "no_data", seed=0, n_random_points=1, n_phantoms=1)

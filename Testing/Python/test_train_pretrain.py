@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from LesionLocatorLib.plans import config_from_dicts, make_dataset_json, make_plans
+from LesionLocatorLib.model.plans import config_from_dicts, make_dataset_json, make_plans
 from train import data as D
 from train.pretrain import PretrainConfig, PretrainTrainer, main
 from train.trainer_segment import SegmentConfig, SegmentTrainer, init_from_pretrained

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from LesionLocatorLib.phantom import lesion_prompts, make_phantom
-from LesionLocatorLib.plans import config_from_dicts, make_dataset_json, make_plans
-from LesionLocatorLib.segmenter import LesionSegmenter
+from LesionLocatorLib.synthetic.phantom import lesion_prompts, make_phantom
+from LesionLocatorLib.model.plans import config_from_dicts, make_dataset_json, make_plans
+from LesionLocatorLib.segment.segmenter import LesionSegmenter
 from train import data as D
 from train.trainer_segment import (LATEST, LOG_NAME, PLOT_NAME, SegmentConfig, SegmentTrainer, TrainError,
                                    init_from_pretrained, read_log)

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from LesionLocatorLib.checkpoint import load_weights_strict, write_checkpoint
-from LesionLocatorLib.network import build_network
-from LesionLocatorLib.plans import config_from_dicts, make_dataset_json, make_plans
-from LesionLocatorLib.registration_net import build_registration_network, load_registration_weights
+from LesionLocatorLib.model.checkpoint import load_weights_strict, write_checkpoint
+from LesionLocatorLib.model.network import build_network
+from LesionLocatorLib.model.plans import config_from_dicts, make_dataset_json, make_plans
+from LesionLocatorLib.model.registration_net import build_registration_network, load_registration_weights
 from train.trainer_track import (REG_SIZE_KEY, TrackConfig, TrackTrainer, load_track_network, phantom_pairs,
                                  registration_input_size, track_plans)
 
@@ -75,8 +75,8 @@ def test_joint_training_writes_track_checkpoint(pairs, seg_model, tmp_path):
     assert not net.unet.decoder.deep_supervision
 
     # the library's tracker loads the trained checkpoint unchanged and tracks a mask prompt
-    from LesionLocatorLib.phantom import make_phantom
-    from LesionLocatorLib.tracker import LesionTracker
+    from LesionLocatorLib.synthetic.phantom import make_phantom
+    from LesionLocatorLib.track.tracker import LesionTracker
     from train.synthesize import synthesize_pair
 
     ct, lab = make_phantom((40, 64, 64), (2.5, 2.0, 2.0), n_lesions=1, seed=11)

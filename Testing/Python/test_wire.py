@@ -8,9 +8,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from LesionLocatorLib.geometry import Volume
-from LesionLocatorLib.results import LesionMask
-from LesionLocatorLib.wire import (
+from LesionLocatorLib.core.geometry import Volume
+from LesionLocatorLib.core.results import LesionMask
+from LesionLocatorLib.serve.wire import (
     MIN_CHUNK_BYTES,
     PayloadTooLarge,
     VolumeDecoder,
@@ -192,7 +192,7 @@ def test_fuzz_decoders_only_raise_wire_errors(junk, cut):
 
 def test_two_level_hash_over_several_blocks():
     """Volumes above one hash block: threaded and serial hashing agree, frames need not align with blocks."""
-    from LesionLocatorLib.wire import HASH_CHUNK_BYTES
+    from LesionLocatorLib.serve.wire import HASH_CHUNK_BYTES
 
     rng = np.random.default_rng(5)
     vol = Volume(rng.integers(-1000, 1000, size=(19, 300, 1000), dtype=np.int16))  # 11.4 MB: two blocks

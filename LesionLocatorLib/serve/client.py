@@ -18,8 +18,8 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from .geometry import Volume
-from .results import LesionMask, SegmentationResult
+from ..core.geometry import Volume
+from ..core.results import LesionMask, SegmentationResult
 from .wire import (
     MASKS_MEDIA_TYPE,
     PROTOCOL_VERSION,
@@ -97,7 +97,7 @@ class _UploadTooLarge(Exception):
 
 
 class LesionLocatorClient:
-    """Remote twin of :class:`LesionLocatorLib.segmenter.LesionSegmenter` (one server session per client)."""
+    """Remote twin of :class:`LesionLocatorLib.segment.segmenter.LesionSegmenter` (one server session per client)."""
 
     def __init__(
         self,
@@ -305,7 +305,7 @@ class LesionLocatorClient:
     def segment_prompts(self, prompts: Mapping[int, Any], return_probabilities: bool = False,
                         progress: Any = None) -> SegmentationResult:
         """Library prompt objects (prompts.Point / Box / Mask) in input voxels."""
-        from .prompts import Box, Mask, Point
+        from ..core.prompts import Box, Mask, Point
 
         pts = {k: p.zyx for k, p in prompts.items() if isinstance(p, Point)}
         bxs = {k: p.bounds for k, p in prompts.items() if isinstance(p, Box)}

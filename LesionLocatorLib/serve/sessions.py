@@ -20,8 +20,8 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Callable
 
-from .geometry import Volume
-from .results import LesionMask
+from ..core.geometry import Volume
+from ..core.results import LesionMask
 
 
 class SessionError(LookupError):

@@ -9,7 +9,7 @@ from pathlib import Path
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from .cli import add_model_arguments
+    from .main import add_model_arguments
 
     p.description = (
         "Track lesions from a baseline scan into one or more follow-ups. Prompts on the baseline: a JSON file "
@@ -35,8 +35,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .cli import _case_name, _load_prompts, make_progress, resolve_checkpoint_arg, write_result
-    from .image_io import read_image
+    from .main import _case_name, _load_prompts, make_progress, resolve_checkpoint_arg, write_result
+    from ..core.image_io import read_image
 
     # read and check everything before any computation: a bad follow-up fails before work starts
     baseline = read_image(args.baseline)
@@ -46,14 +46,14 @@ def run(args: argparse.Namespace) -> int:
     if len(set(names)) != len(names):
         names = [f"t{k}_{n}" for k, n in enumerate(names)]
     if args.server:
-        from .client import LesionLocatorClient
+        from ..serve.client import LesionLocatorClient
 
         client = LesionLocatorClient(args.server, token=args.token or os.environ.get("LESIONLOCATOR_TOKEN"))
         results = client.track(baseline, followups, prompts=prompts)
         baseline_result = getattr(client, "last_baseline_result", None)
         report = None
     else:
-        from .tracker import LesionTracker
+        from ..track.tracker import LesionTracker
 
         tracker = LesionTracker.from_checkpoint(resolve_checkpoint_arg(args.model), device=args.device,
                                                 folds=args.folds, tta=args.tta, propagation=args.propagation,

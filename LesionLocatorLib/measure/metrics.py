@@ -23,8 +23,8 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 from scipy import ndimage
 
-from .geometry import Volume
-from .results import bbox_slices, tight_bbox
+from ..core.geometry import Volume
+from ..core.results import bbox_slices, tight_bbox
 
 # 6-connectivity: a voxel is inside when its 6 face neighbours are foreground; so every voxel
 # with a background face neighbour (or touching the image border) is a surface voxel.

@@ -36,8 +36,8 @@ from typing import Any, Iterable, Iterator, Mapping
 import numpy as np
 import zstandard as zstd
 
-from .geometry import GeometryError, Volume
-from .results import LesionMask
+from ..core.geometry import GeometryError, Volume
+from ..core.results import LesionMask
 
 PROTOCOL_VERSION = 1
 VOLUME_MAGIC = b"LLV1"
@@ -495,7 +495,7 @@ def encode_mask_prompt(mask: np.ndarray | LesionMask) -> dict:
     """A mask prompt as a JSON object ``{"bbox": [...], "data": base64}`` holding only its tight crop."""
     import base64
 
-    from .results import tight_bbox
+    from ..core.results import tight_bbox
 
     if isinstance(mask, LesionMask):
         full_bbox, crop = mask.bbox, np.asarray(mask.mask, bool)

@@ -18,18 +18,18 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import numpy as np
 import torch
 
-from . import devices
-from .checkpoint import (CheckpointError, load_checkpoint, load_weights_strict, mirror_axes_of, resolve_model_dir,
+from ..model import devices
+from ..model.checkpoint import (CheckpointError, load_checkpoint, load_weights_strict, mirror_axes_of, resolve_model_dir,
                          select_folds)
-from .geometry import GeometryError, Volume
-from .image_io import read_image
-from .network import build_network, set_inference_mode
-from .plans import ModelConfig, load_model_config
-from .preprocessing import PreprocessedGrid, clip_ranges, plan_grid
-from .prompts import Box, EncodedPrompt, Mask, Point, Prompt, PromptError, encode_prompt, validate
-from .resampling import Box as GridBox
-from .results import LesionMask, SegmentationResult
-from .sliding_window import gaussian_importance, tiles_for_prompt, union_box
+from ..core.geometry import GeometryError, Volume
+from ..core.image_io import read_image
+from ..model.network import build_network, set_inference_mode
+from ..model.plans import ModelConfig, load_model_config
+from ..model.preprocessing import PreprocessedGrid, clip_ranges, plan_grid
+from ..core.prompts import Box, EncodedPrompt, Mask, Point, Prompt, PromptError, encode_prompt, validate
+from ..model.resampling import Box as GridBox
+from ..core.results import LesionMask, SegmentationResult
+from ..model.sliding_window import gaussian_importance, tiles_for_prompt, union_box
 
 log = logging.getLogger(__name__)
 Progress = Callable[[float, str], None]
@@ -240,7 +240,7 @@ class LesionSegmenter:
                     raise PromptError(f"lesion {lid}: a box needs [z0, z1, y0, y1, x0, x1], got {b.tolist()}")
                 add(lid, Box(tuple(int(v) for v in b)))
             else:
-                from .prompts import box_from_world
+                from ..core.prompts import box_from_world
 
                 corners = np.asarray(b, float)
                 if corners.shape != (2, 3):
@@ -248,7 +248,7 @@ class LesionSegmenter:
                 add(lid, box_from_world(corners[0], corners[1], img, ras=ras))
         if masks is not None:
             if isinstance(masks, np.ndarray):
-                from .prompts import prompts_from_label_map
+                from ..core.prompts import prompts_from_label_map
 
                 for lid, p in prompts_from_label_map(masks).items():
                     add(lid, p)

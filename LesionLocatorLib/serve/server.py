@@ -53,9 +53,9 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from . import __version__
-from .geometry import GeometryError, Volume
-from .results import LesionMask, SegmentationResult
+from .. import __version__
+from ..core.geometry import GeometryError, Volume
+from ..core.results import LesionMask, SegmentationResult
 from .sessions import CacheFull, ImageNotFound, Session, SessionNotFound, SessionStore
 from .wire import (
     BUNDLES_MEDIA_TYPE,
@@ -242,7 +242,7 @@ class ApiError(Exception):
 
 def _error_for(exc: BaseException) -> ApiError:
     """Map library exceptions to HTTP answers; anything unknown is an inference failure (500)."""
-    from .prompts import PromptError
+    from ..core.prompts import PromptError
 
     if isinstance(exc, ApiError):
         return exc
@@ -259,7 +259,7 @@ def _error_for(exc: BaseException) -> ApiError:
     if isinstance(exc, (PromptError, GeometryError)):
         return ApiError(422, "invalid_prompt", str(exc))
     try:
-        from .tracker import TrackingError
+        from ..track.tracker import TrackingError
     except ImportError:  # an installation without the tracker
         TrackingError = ()  # type: ignore[assignment,misc]  # noqa: N806
     if TrackingError and isinstance(exc, TrackingError):
@@ -342,9 +342,9 @@ class ModelService:
 
     # -- start-up --------------------------------------------------------------------
     def load(self) -> None:
-        from .checkpoint import CheckpointError, resolve_model_dir
-        from .devices import DeviceError
-        from .segmenter import LesionSegmenter
+        from ..model.checkpoint import CheckpointError, resolve_model_dir
+        from ..model.devices import DeviceError
+        from ..segment.segmenter import LesionSegmenter
 
         if not self.cfg.checkpoint:
             raise ServerConfigError("no checkpoint given: pass -m/--model CHECKPOINT (zip, folder or model folder)")
@@ -372,10 +372,10 @@ class ModelService:
     def _load_tracker(self) -> None:
         """Tracking is optional: with a LesionLocatorTrack model the published learned method, without one
         classical registration refined by the segmentation model; any failure leaves segmentation serving."""
-        from .checkpoint import CheckpointError, resolve_model_dir
+        from ..model.checkpoint import CheckpointError, resolve_model_dir
 
         try:
-            from .tracker import LesionTracker
+            from ..track.tracker import LesionTracker
         except ImportError as exc:
             self.load_errors["track"] = f"this installation has no tracker ({exc})"
             return
@@ -424,7 +424,7 @@ class ModelService:
 
     def segment(self, image_hash: str, volume: Volume, prompts: dict[int, Any], probabilities: bool = False
                 ) -> SegmentationResult:
-        from .prompts import Box, Point
+        from ..core.prompts import Box, Point
 
         for lid, p in prompts.items():
             kind = "point" if isinstance(p, Point) else "box" if isinstance(p, Box) else None
@@ -556,7 +556,7 @@ class AppState:
 
 def _prompts_from_specs(specs: dict[str, PromptSpec], volume: Volume) -> dict[int, Any]:
     """Request prompts -> library prompts in input voxels, each checked against the uploaded geometry."""
-    from .prompts import Mask, PromptError, box_from_world, point_from_world, validate, Point, Box
+    from ..core.prompts import Mask, PromptError, box_from_world, point_from_world, validate, Point, Box
 
     out: dict[int, Any] = {}
     for key, spec in specs.items():
@@ -872,7 +872,7 @@ def create_app(cfg: ServerConfig, service: ModelService | None = None) -> Any:
         except ImageNotFound as exc:
             raise _error_for(exc) from None
         if body.use_results:
-            from .prompts import Mask
+            from ..core.prompts import Mask
 
             current = s.lesions(base[0])
             if not current:
@@ -982,7 +982,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
     checkpoint = args.checkpoint
     if not checkpoint:
         try:
-            from .bundled import default_checkpoint
+            from ..model.bundled import default_checkpoint
 
             checkpoint = str(default_checkpoint())
         except (ImportError, OSError, ValueError) as exc:
@@ -1028,7 +1028,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m LesionLocatorLib.server", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m LesionLocatorLib.serve.server", description=__doc__.splitlines()[0])
     add_arguments(parser)
     return run(parser.parse_args(argv))
 

@@ -21,8 +21,8 @@ from typing import Iterable, Mapping, Sequence
 import numpy as np
 from scipy import ndimage
 
-from .geometry import GeometryError, Volume
-from .results import tight_bbox
+from ..core.geometry import GeometryError, Volume
+from ..core.results import tight_bbox
 
 GROWTH_AMPLITUDES: tuple[float, ...] = (-22.0, -18.0, 15.0, 25.0)  # published set; negative shrinks
 R_RANGE = 3.5  # r(x) ~ U(-R_RANGE, R_RANGE) voxel-wise

@@ -11,7 +11,7 @@ ground-truth case needs a prediction.
 * ``seg``: per gt lesion, Dice and normalised surface Dice (2 mm) of prediction label k vs gt
   label k. Predicted ids without a gt lesion are listed per scan but not scored.
 * ``track``: the predictions are the tracker's follow-up masks (ids kept from the baseline);
-  per scan CPM@25, Dice@25, MED and total Dice (see :mod:`LesionLocatorLib.metrics`).
+  per scan CPM@25, Dice@25, MED and total Dice (see :mod:`LesionLocatorLib.measure.metrics`).
 
 Summary values are averaged first over the lesions of a scan, then over scans with each patient
 weighted equally (``--patients-json``: ``{"scan": "patient"}`` or ``{"patient": ["scan", ...]}``;
@@ -34,8 +34,8 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from .geometry import Volume
-from .image_io import SUPPORTED_SUFFIXES, ImageReadError, read_image
+from ..core.geometry import Volume
+from ..core.image_io import SUPPORTED_SUFFIXES, ImageReadError, read_image
 from .metrics import (Crops, MetricError, aggregate, dice, in_box, lesion_crops, normalized_surface_dice,
                       tracking_metrics, union_box)
 from .report import atomic_write_text

@@ -6,7 +6,8 @@ scan costs memory in proportion to the lesion, not the scan; ``full()`` expands 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterable
+from enum import Enum
+from typing import Iterable, Optional, Sequence
 
 import numpy as np
 
@@ -32,6 +33,19 @@ def tight_bbox(mask: np.ndarray) -> BBox | None:
     return tuple(out)  # type: ignore[return-value]
 
 
+class LesionStatus(str, Enum):
+    """What became of a lesion at one timepoint. A ``str`` enum: JSON, CSV and wire carry the plain text."""
+
+    FOUND = "found"
+    NOT_FOUND = "not found"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+EMPTY_BBOX: BBox = (0, 0, 0, 0, 0, 0)
+
+
 @dataclass
 class LesionMask:
     """One lesion's mask on an image grid, stored as a crop."""
@@ -40,8 +54,22 @@ class LesionMask:
     bbox: BBox
     mask: np.ndarray  # bool, shape of the bbox
     probability: np.ndarray | None = None  # float32 foreground probability on the same crop
-    status: str = "found"  # "found" or "not found"
-    center_voxel: tuple[float, float, float] | None = None  # where the prompt pointed (z, y, x)
+    status: LesionStatus = LesionStatus.FOUND
+    center_voxel: Optional[tuple[float, float, float]] = None  # where the prompt pointed (z, y, x)
+
+    def __post_init__(self) -> None:
+        self.status = LesionStatus(self.status)
+
+    @classmethod
+    def not_found(cls, lesion_id: int, center_voxel: Optional[Sequence[float]] = None) -> "LesionMask":
+        """The one way to say "this lesion is not there" (empty crop, ids never change)."""
+        center = None if center_voxel is None else tuple(float(v) for v in center_voxel)
+        return cls(int(lesion_id), EMPTY_BBOX, np.zeros((0, 0, 0), bool), None, LesionStatus.NOT_FOUND,
+                   center)  # type: ignore[arg-type]
+
+    @property
+    def found(self) -> bool:
+        return self.status is LesionStatus.FOUND and not self.empty
 
     @property
     def voxels(self) -> int:
@@ -63,13 +91,10 @@ class LesionMask:
         return out
 
     def shrink(self) -> "LesionMask":
-        """Crop to the tight bounding box of the mask (keeps an empty mask as a 0-size box)."""
+        """Crop to the tight bounding box of the mask (an empty mask becomes :meth:`not_found`)."""
         tb = tight_bbox(self.mask)
         if tb is None:
-            z0, _, y0, _, x0, _ = self.bbox
-            return LesionMask(self.lesion_id, (z0, z0, y0, y0, x0, x0), np.zeros((0, 0, 0), bool), None
-                              if self.probability is None else np.zeros((0, 0, 0), np.float32), self.status,
-                              self.center_voxel)
+            return LesionMask.not_found(self.lesion_id, self.center_voxel)
         sl = bbox_slices(tb)
         z0, _, y0, _, x0, _ = self.bbox
         bbox = (tb[0] + z0, tb[1] + z0, tb[2] + y0, tb[3] + y0, tb[4] + x0, tb[5] + x0)
@@ -113,3 +138,23 @@ class SegmentationResult:
 
     def label_volume(self) -> Volume:
         return self.image.with_array(self.label_map())
+
+
+@dataclass
+class TrackingResult:
+    """What tracking returns, locally and through the server: the baseline's masks (segmented first from
+    points / boxes, or the mask prompts themselves) and one result per follow-up, every lesion id in each."""
+
+    baseline: SegmentationResult
+    followups: list[SegmentationResult]
+
+    @property
+    def timepoints(self) -> list[SegmentationResult]:
+        return [self.baseline, *self.followups]
+
+    def report(self, names: Optional[Sequence[str]] = None):
+        """The longitudinal report: volumes, RECIST diameters, changes against baseline and nadir, category."""
+        from ..measure.report import build_report_from_results
+
+        names = list(names) if names else ["baseline"] + [f"follow-up {k}" for k in range(1, len(self.followups) + 1)]
+        return build_report_from_results(names, self.timepoints)

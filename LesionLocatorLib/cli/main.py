@@ -30,7 +30,7 @@ def resolve_checkpoint_arg(value: str | None) -> str:
     if value:
         return value
     try:
-        from .bundled import default_checkpoint
+        from ..model.bundled import default_checkpoint
     except ImportError as exc:  # pragma: no cover - only when the package is incomplete
         raise ValueError("no checkpoint given (-m) and no bundled default model is installed") from exc
     path = default_checkpoint()
@@ -83,8 +83,8 @@ def add_segment_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _load_prompts(path: str, image, prompt_type: str | None):
-    from .image_io import read_image
-    from .prompts import Point, PromptError, load_prompt_json, prompts_from_label_map
+    from ..core.image_io import read_image
+    from ..core.prompts import Point, PromptError, load_prompt_json, prompts_from_label_map
 
     if path.lower().endswith(".json"):
         prompts = load_prompt_json(path, image)
@@ -107,8 +107,8 @@ def _load_prompts(path: str, image, prompt_type: str | None):
 
 def write_result(result, outdir: Path, case: str, save_probabilities: bool = False) -> list[Path]:
     """Per-lesion masks, merged label map and a JSON summary, each written atomically."""
-    from .image_io import write_image
-    from .report import atomic_write_text
+    from ..core.image_io import write_image
+    from ..measure.report import atomic_write_text
 
     outdir.mkdir(parents=True, exist_ok=True)
     written = []
@@ -148,19 +148,19 @@ def make_progress(desc: str):
 
 
 def run_segment(args: argparse.Namespace) -> int:
-    from .image_io import read_image
+    from ..core.image_io import read_image
 
     image = read_image(args.image)
     prompts, kinds = _load_prompts(args.prompts, image, args.prompt_type)
     case = _case_name(args.image)
     if args.server:
-        from .client import LesionLocatorClient
+        from ..serve.client import LesionLocatorClient
 
         client = LesionLocatorClient(args.server, token=args.token or os.environ.get("LESIONLOCATOR_TOKEN"))
         client.set_image(image)
         result = client.segment_prompts(prompts)
     else:
-        from .segmenter import LesionSegmenter
+        from ..segment.segmenter import LesionSegmenter
 
         seg = LesionSegmenter.from_checkpoint(resolve_checkpoint_arg(args.model), kinds,
                                               device=args.device, folds=args.folds, tta=args.tta,
@@ -197,12 +197,12 @@ COMMANDS: dict[str, tuple[str, Callable, Callable]] = {
 
 def _register_optional() -> None:
     for name, module, help_text in (
-        ("track", "tracker_cli", "track lesions from a baseline into follow-up scans"),
-        ("evaluate", "evaluate", "score predictions against ground-truth instance maps"),
-        ("serve", "server", "run the LesionLocator inference server"),
-        ("demo", "demo", "phantom baseline + follow-up: segment, track, report (no download needed)"),
-        ("report", "report", "longitudinal report (volumes, diameters, RECIST) from label maps"),
-        ("register", "classical_registration", "warp a baseline mask onto a follow-up by classical registration"),
+        ("track", "cli.track", "track lesions from a baseline into follow-up scans"),
+        ("evaluate", "measure.evaluate", "score predictions against ground-truth instance maps"),
+        ("serve", "serve.server", "run the LesionLocator inference server"),
+        ("demo", "cli.demo", "phantom baseline + follow-up: segment, track, report (no download needed)"),
+        ("report", "measure.report", "longitudinal report (volumes, diameters, RECIST) from label maps"),
+        ("register", "track.classical_registration", "warp a baseline mask onto a follow-up by classical registration"),
     ):
         if importlib.util.find_spec(f"LesionLocatorLib.{module}") is not None:
             COMMANDS[name] = (help_text, *_lazy(module))
@@ -213,7 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lesionlocator", description=(
         "LesionLocator: promptable 3D lesion segmentation and longitudinal tracking in CT."))
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    from . import __version__
+    from .. import __version__
 
     parser.add_argument("--version", action="version", version=f"lesionlocator {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)

@@ -418,7 +418,7 @@ class LearnedPropagator:
         fp16: bool | None = None,
         z_threshold: int = 20,
     ) -> None:
-        from .registration_net import registration_shape
+        from ..model.registration_net import registration_shape
 
         self.device = torch.device(device)
         self.net = net.to(self.device).eval()
@@ -437,7 +437,7 @@ class LearnedPropagator:
     ) -> "LearnedPropagator":
         """Build the uniGradICON network for ``input_shape`` and load the ``reg_net.*`` entries of a
         LesionLocatorTrack checkpoint's ``network_weights`` (175^3 for the published weights)."""
-        from .registration_net import build_registration_network, load_registration_weights
+        from ..model.registration_net import build_registration_network, load_registration_weights
 
         net = build_registration_network(tuple(input_shape))
         load_registration_weights(net, network_weights)
@@ -448,7 +448,7 @@ class LearnedPropagator:
 
         Both are the section-2 preprocessed arrays (cropped to non-zero, CT-normalised, resampled to the model
         spacing; not padded to the patch size). Warp the baseline's resampled lesion masks with the result."""
-        from .registration_net import one_way_displacement
+        from ..model.registration_net import one_way_displacement
 
         for name, a in (("baseline", baseline_pp), ("follow-up", followup_pp)):
             if np.ndim(a) != 3:

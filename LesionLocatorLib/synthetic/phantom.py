@@ -18,8 +18,8 @@ from typing import Sequence
 import numpy as np
 from scipy import ndimage
 
-from .geometry import Volume
-from .results import tight_bbox
+from ..core.geometry import Volume
+from ..core.results import tight_bbox
 
 # Tissue classes of the (lesion-free) anatomy; see phantom_tissue_map.
 TISSUES: dict[str, int] = {

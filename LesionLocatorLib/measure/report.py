@@ -55,10 +55,10 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 from scipy.spatial import ConvexHull
 
-from .geometry import Volume
-from .image_io import read_image
+from ..core.geometry import Volume
+from ..core.image_io import read_image
 from .metrics import MetricError, lesion_crops
-from .results import LesionMask, SegmentationResult, bbox_slices, tight_bbox
+from ..core.results import LesionMask, SegmentationResult, bbox_slices, tight_bbox
 
 Point3 = tuple[float, float, float]
 

@@ -55,13 +55,13 @@ def _overview_png(path: Path, base, fu, base_res, fu_res, base_truth, fu_truth, 
 
 
 def run(args: argparse.Namespace) -> int:
-    from .cli import resolve_checkpoint_arg, write_result
-    from .image_io import write_image
-    from .longitudinal import make_followup
-    from .metrics import dice
-    from .phantom import lesion_prompts, make_phantom
-    from .prompts import Point
-    from .tracker import LesionTracker
+    from .main import resolve_checkpoint_arg, write_result
+    from ..core.image_io import write_image
+    from ..synthetic.longitudinal import make_followup
+    from ..measure.metrics import dice
+    from ..synthetic.phantom import lesion_prompts, make_phantom
+    from ..core.prompts import Point
+    from ..track.tracker import LesionTracker
 
     t0 = time.perf_counter()
     out = Path(args.output)

@@ -22,15 +22,15 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 import torch
 
-from .checkpoint import CheckpointError, load_checkpoint, resolve_model_dir, select_folds
-from .geometry import GeometryError, Volume
-from .image_io import read_image
-from .preprocessing import normalize_ct
-from .prompts import Box, EncodedPrompt, Mask, Point, Prompt, PromptError, mask_to_resampled, validate
-from .resampling import whole_box
-from .results import LesionMask, SegmentationResult, bbox_slices, tight_bbox
-from .segmenter import LesionSegmenter, PromptModel
-from .sliding_window import tiles_for_prompt
+from ..model.checkpoint import CheckpointError, load_checkpoint, resolve_model_dir, select_folds
+from ..core.geometry import GeometryError, Volume
+from ..core.image_io import read_image
+from ..model.preprocessing import normalize_ct
+from ..core.prompts import Box, EncodedPrompt, Mask, Point, Prompt, PromptError, mask_to_resampled, validate
+from ..model.resampling import whole_box
+from ..core.results import LesionMask, SegmentationResult, bbox_slices, tight_bbox
+from ..segment.segmenter import LesionSegmenter, PromptModel
+from ..model.sliding_window import tiles_for_prompt
 
 log = logging.getLogger(__name__)
 Progress = Callable[[float, str], None]
@@ -58,7 +58,7 @@ class LesionTracker:
     def __init__(self, track_dir: Path | None = None, segmenter: LesionSegmenter | None = None,
                  device: str | torch.device = "auto", folds=None, tta: bool = False,
                  propagation: str | None = None, refine: str | None = None, classical_options: dict | None = None):
-        from . import devices
+        from ..model import devices
 
         self.device = devices.resolve_device(device)
         self.folds, self.tta = folds, tta
@@ -110,7 +110,7 @@ class LesionTracker:
         return cls(track_dir, segmenter, device, folds, tta, propagation, refine, **kwargs)
 
     def _load_track_model(self) -> None:
-        from .registration_net import build_registration_network, load_registration_weights
+        from ..model.registration_net import build_registration_network, load_registration_weights
 
         assert self.track_dir is not None
         engine = LesionSegmenter({"track": self.track_dir}, device=self.device, folds=self.folds, tta=self.tta)
@@ -186,7 +186,7 @@ class LesionTracker:
         if not self._images:
             raise RuntimeError("call set_images() before track_prompts()")
         if isinstance(prompts, np.ndarray):
-            from .prompts import prompts_from_label_map
+            from ..core.prompts import prompts_from_label_map
 
             prompts = prompts_from_label_map(prompts)
         if not prompts:
@@ -223,7 +223,7 @@ class LesionTracker:
 
     def report(self, names: Sequence[str] | None = None, results: Sequence[SegmentationResult] | None = None):
         """The longitudinal report (volumes, diameters, changes, RECIST) of the last tracking."""
-        from .report import build_report_from_results
+        from ..measure.report import build_report_from_results
 
         if self.baseline_result is None:
             raise RuntimeError("track first")

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import SimpleITK as sitk
 
-from .geometry import Volume
+from ..core.geometry import Volume
 from .propagation import Deformation
 
 
@@ -376,8 +376,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .geometry import GeometryError
-    from .image_io import read_image, write_image
+    from ..core.geometry import GeometryError
+    from ..core.image_io import read_image, write_image
 
     baseline = read_image(args.baseline)
     followup = read_image(args.followup)

@@ -1,0 +1,1 @@
+"""The lesionlocator command line (argument parsing lives only here)."""

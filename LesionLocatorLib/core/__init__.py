@@ -1,0 +1,1 @@
+"""Data vocabulary: image volumes and their geometry, image files, prompts, results."""

@@ -1,0 +1,1 @@
+"""Measurements on masks: RECIST geometry, the longitudinal report, metrics and evaluation."""

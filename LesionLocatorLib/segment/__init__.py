@@ -1,0 +1,1 @@
+"""Per-image promptable segmentation sessions."""

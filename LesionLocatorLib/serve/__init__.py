@@ -1,0 +1,1 @@
+"""The inference server, its client and the wire format between them."""

@@ -1,0 +1,1 @@
+"""Carrying lesions from a baseline into follow-ups: registration, propagation, the tracker."""
