@@ -29,7 +29,7 @@ from LesionLocatorLib.core.image_io import read_image
 from LesionLocatorLib.model.plans import ModelConfig
 from LesionLocatorLib.model.preprocessing import clip_ranges, normalize_ct, plan_grid
 from LesionLocatorLib.core.prompts import BALL_RADIUS, encode_box_at, encode_point_at
-from LesionLocatorLib.measure.report import atomic_write_text
+from LesionLocatorLib.core.files import atomic_write_text
 from LesionLocatorLib.model.resampling import whole_box
 
 PROMPT_KINDS = ("point", "box", "mask")

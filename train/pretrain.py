@@ -44,7 +44,7 @@ import torch
 from LesionLocatorLib.model.checkpoint import write_checkpoint
 from LesionLocatorLib.model.network import build_network
 from LesionLocatorLib.model.plans import config_from_dicts, make_dataset_json
-from LesionLocatorLib.measure.report import atomic_write_text
+from LesionLocatorLib.core.files import atomic_write_text
 
 from . import data as D
 from .distributed import DistInfo, autocast

@@ -28,7 +28,7 @@ from LesionLocatorLib.core.geometry import Volume
 from LesionLocatorLib.core.image_io import SUPPORTED_SUFFIXES, read_image, write_image
 from LesionLocatorLib.synthetic.longitudinal import GROWTH_AMPLITUDES, make_followup, random_growth
 from LesionLocatorLib.synthetic.phantom import make_phantom
-from LesionLocatorLib.measure.report import atomic_write_text
+from LesionLocatorLib.core.files import atomic_write_text
 
 # Published CT foreground statistics (plans.json): the intensity augmentations are specified for
 # z-scored images, so HU inputs are normalised with these before and mapped back after.

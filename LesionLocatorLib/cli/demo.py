@@ -13,14 +13,16 @@ from pathlib import Path
 
 import numpy as np
 
+from .common import add_backend_arguments, backend_from_args, write_result
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.description = __doc__.splitlines()[0].split(": ", 1)[1] if __doc__ else ""
-    p.add_argument("-o", "--output", default="lesionlocator_demo", help="output folder")
-    p.add_argument("-m", "--model", help="checkpoint (default: the bundled demo model)")
-    p.add_argument("--seed", type=int, default=0, help="phantom / follow-up seed")
-    p.add_argument("--device", default="cpu", help="cpu (default), cuda, auto")
-    p.add_argument("--propagation", choices=["learned", "classical"], default=None)
+    p.add_argument("-o", "--output", default="lesionlocator_demo", help="output folder (default: lesionlocator_demo)")
+    p.add_argument("--seed", type=int, default=0, help="phantom / follow-up seed (default: 0)")
+    p.add_argument("--propagation", choices=["learned", "classical"], default=None,
+                   help="default: learned when the checkpoint has a Track model, else classical")
+    add_backend_arguments(p, device_default="cpu")
 
 
 def _overview_png(path: Path, base, fu, base_res, fu_res, base_truth, fu_truth, report) -> None:
@@ -50,18 +52,19 @@ def _overview_png(path: Path, base, fu, base_res, fu_res, base_truth, fu_truth, 
             ax.axis("off")
     fig.suptitle("LesionLocator demo: red = prediction, yellow dashed = phantom ground truth", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=80)
+    from ..core.files import atomic_write
+
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=80, format="png"))
     plt.close(fig)
 
 
 def run(args: argparse.Namespace) -> int:
-    from .main import resolve_checkpoint_arg, write_result
+    from ..core.files import atomic_write_text
     from ..core.image_io import write_image
     from ..synthetic.longitudinal import make_followup
     from ..measure.metrics import dice
     from ..synthetic.phantom import lesion_prompts, make_phantom
     from ..core.prompts import Point
-    from ..track.tracker import LesionTracker
 
     t0 = time.perf_counter()
     out = Path(args.output)
@@ -77,23 +80,27 @@ def run(args: argparse.Namespace) -> int:
     write_image(base_lab, out / "baseline_truth.nii.gz")
     write_image(fu_lab, out / "followup_truth.nii.gz")
     prompts_json = lesion_prompts(base_lab.array)
-    (out / "baseline_points.json").write_text(json.dumps({k: {"point": v["point"]} for k, v in prompts_json.items()}))
+    atomic_write_text(out / "baseline_points.json",
+                      json.dumps({k: {"point": v["point"]} for k, v in prompts_json.items()}))
     prompts = {int(k): Point(tuple(v["point"])) for k, v in prompts_json.items()}
     print(f"generated a phantom baseline {base.shape} with {len(ids)} lesions and a synthetic follow-up "
           f"(growth amplitudes {growth}, shift 6/-4/3 mm)")
 
-    tracker = LesionTracker.from_checkpoint(resolve_checkpoint_arg(args.model), device=args.device,
-                                            propagation=args.propagation)
-    results = tracker.track(base, [fu], prompts)
-    base_res = tracker.baseline_result
-    report = tracker.report(["baseline", "followup"], results)
+    with backend_from_args(args) as backend:
+        tracker = backend.tracker(propagation=args.propagation)
+        tracker.set_images(base, [fu])
+        tracked = tracker.track(prompts)
+        how = f"{tracker.propagation} propagation, refinement '{tracker.refine}'"
+        tracker.close()
+    base_res, results = tracked.baseline, tracked.followups
+    report = tracked.report(["baseline", "followup"])
     write_result(base_res, out, "baseline")
     write_result(results[0], out, "followup")
     report.to_json(out / "report.json")
     report.to_csv(out / "report.csv")
     _overview_png(out / "overview.png", base, fu, base_res, results[0], base_lab, fu_lab, report)
 
-    print(f"tracking: {tracker.propagation} propagation, refinement '{tracker.refine}'")
+    print(f"tracking: {how}")
     for lid in ids:
         d0 = dice(base_res.mask(lid) > 0, base_lab.array == lid)
         les = results[0].lesions[lid]

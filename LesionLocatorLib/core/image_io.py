@@ -3,13 +3,13 @@ from __future__ import annotations
 
 import gzip
 import os
-import tempfile
 import zlib
 from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
 
+from .files import atomic_write
 from .geometry import Volume
 
 SUPPORTED_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
@@ -106,14 +106,5 @@ def _check_nifti_complete(path: Path) -> None:
 def write_image(volume: Volume, path: str | os.PathLike, compress: bool = True) -> Path:
     """Write atomically (temp file + rename) so a crash never leaves a half-written output."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     suffix = "".join(path.suffixes[-2:]) if path.name.endswith(".nii.gz") else path.suffix
-    fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=suffix, dir=path.parent)
-    os.close(fd)
-    try:
-        sitk.WriteImage(volume_to_sitk(volume), tmp, compress)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    return atomic_write(path, lambda tmp: sitk.WriteImage(volume_to_sitk(volume), tmp, compress), suffix)

@@ -20,14 +20,12 @@ without it every scan is its own patient). Outputs: ``lesions.csv``, ``scans.csv
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import io
 import json
 import math
 import os
 import re
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -38,7 +36,7 @@ from ..core.geometry import Volume
 from ..core.image_io import SUPPORTED_SUFFIXES, ImageReadError, read_image
 from .metrics import (Crops, MetricError, aggregate, dice, in_box, lesion_crops, normalized_surface_dice,
                       tracking_metrics, union_box)
-from .report import atomic_write_text
+from ..core.files import atomic_write_text
 
 MODES = ("seg", "track")
 _LESION_FILE = re.compile(r"^(?P<case>.+)_lesion_(?P<id>\d+)$")
@@ -282,32 +280,3 @@ def evaluate_folder(pred_dir: str | os.PathLike, gt_dir: str | os.PathLike, mode
 
 
 # ------------------------------------------------------------------------------------ CLI
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--pred", required=True, help="folder of predicted instance label maps")
-    parser.add_argument("--gt", required=True, help="folder of ground-truth instance label maps (same file names)")
-    parser.add_argument("--mode", choices=MODES, default="seg",
-                        help="seg: Dice + NSD per lesion; track: CPM@25, Dice@25, MED, total Dice")
-    parser.add_argument("--patients-json", default=None,
-                        help='{"scan": "patient"} or {"patient": ["scan", ...]}; omit for one patient per scan')
-    parser.add_argument("--tolerance-mm", type=float, default=2.0, help="NSD tolerance in mm")
-    parser.add_argument("--match-mm", type=float, default=25.0, help="tracking hit distance in mm")
-    parser.add_argument("-o", "--output", default=None,
-                        help="folder for lesions.csv, scans.csv, summary.json; omit to print only")
-
-
-def run(args: argparse.Namespace) -> int:
-    try:
-        table = evaluate_folder(args.pred, args.gt, mode=args.mode, patients=args.patients_json,
-                                tolerance_mm=args.tolerance_mm, match_mm=args.match_mm, output_dir=args.output)
-    except (EvaluationError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    s = table.summary
-    metrics = SEG_METRICS if table.mode == "seg" else TRACK_METRICS
-    print(f"{s['n_scans']} scans, {s['n_patients']} patients, {s['n_lesions']} lesions "
-          f"({table.mode}, patient-weighted):")
-    for m in metrics:
-        print(f"  {m:13s} {s[m]:.4f}" if math.isfinite(s[m]) else f"  {m:13s} n/a")
-    if args.output:
-        print(f"wrote {Path(args.output) / 'lesions.csv'}, scans.csv, summary.json")
-    return 0

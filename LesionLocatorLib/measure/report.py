@@ -40,14 +40,11 @@ non-target lesions are out of scope: the report cannot tell a node from another 
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import io
 import json
 import math
 import os
-import sys
-import tempfile
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -55,8 +52,8 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 from scipy.spatial import ConvexHull
 
+from ..core.files import atomic_write_text
 from ..core.geometry import Volume
-from ..core.image_io import read_image
 from .metrics import MetricError, lesion_crops
 from ..core.results import LesionMask, SegmentationResult, bbox_slices, tight_bbox
 
@@ -223,21 +220,6 @@ def _pct(value: float, ref: float | None) -> float | None:
     if ref is None or ref <= 0:
         return None
     return 100.0 * (value - ref) / ref
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    """Write text via a temp file in the same folder + os.replace: readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=path.suffix, dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
 
 
 ROW_COLUMNS = (
@@ -517,33 +499,3 @@ def build_report_from_label_maps(timepoints: Sequence[tuple[str, Volume]]) -> Lo
 
 
 # ------------------------------------------------------------------------------------ CLI
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("labels", nargs="+", help="instance label maps, baseline first (same ids = same lesion)")
-    parser.add_argument("--names", nargs="+", default=None, help="timepoint names; omit to use the file names")
-    parser.add_argument("-o", "--output", required=True,
-                        help="report file: .json or .csv (both are written when the name has no suffix)")
-
-
-def run(args: argparse.Namespace) -> int:
-    try:
-        names = args.names or [Path(p).name.split(".")[0] for p in args.labels]
-        if len(names) != len(args.labels):
-            raise ReportError(f"got {len(names)} names for {len(args.labels)} label maps")
-        report = build_report_from_label_maps([(n, read_image(p)) for n, p in zip(names, args.labels)])
-        out = Path(args.output)
-        suffix = out.suffix.lower()
-        written = []
-        if suffix in (".json", ""):
-            written.append(report.to_json(out if suffix else out.with_suffix(".json")))
-        if suffix in (".csv", ""):
-            written.append(report.to_csv(out if suffix else out.with_suffix(".csv")))
-        if not written:
-            raise ReportError(f"output must end in .json or .csv (or have no suffix), got {out.name}")
-    except (ReportError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    for s in report.summaries:
-        print(f"{s.timepoint}: SLD {s.sld_mm:.1f} mm, {s.n_target_found}/{s.n_target} target lesions found"
-              + (f", {s.category}" if s.category else ""))
-    print("wrote " + ", ".join(str(p) for p in written))
-    return 0

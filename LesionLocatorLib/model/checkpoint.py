@@ -15,7 +15,7 @@ import shutil
 import tempfile
 import zipfile
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, List, Sequence, Union
 
 import torch
 
@@ -92,6 +92,20 @@ def available_folds(model_dir: str | os.PathLike) -> list[int]:
     return sorted(folds)
 
 
+def parse_folds(text: str) -> Union[str, List[int]]:
+    """'all' or comma-separated fold numbers ('0,1') -> 'all' or [0, 1]: the one folds parser."""
+    text = str(text).strip()
+    if text == "all":
+        return "all"
+    try:
+        folds = [int(f) for f in text.split(",") if f.strip()]
+    except ValueError:
+        folds = []
+    if not folds or any(f < 0 for f in folds):
+        raise ValueError(f"folds must be 'all' or comma-separated fold numbers such as '0,1', got {text!r}")
+    return folds
+
+
 def select_folds(model_dir: str | os.PathLike, folds: int | str | Sequence[int] | None) -> list[int]:
     """``None`` -> the lowest available fold (interactive default); 'all' -> every fold present."""
     present = available_folds(model_dir)
@@ -100,9 +114,9 @@ def select_folds(model_dir: str | os.PathLike, folds: int | str | Sequence[int] 
     if folds is None:
         return present[:1]
     if isinstance(folds, str):
+        folds = parse_folds(folds)
         if folds == "all":
             return present
-        folds = [int(f) for f in folds.split(",")]
     if isinstance(folds, int):
         folds = [folds]
     wanted = [int(f) for f in folds]

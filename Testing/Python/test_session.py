@@ -1,4 +1,5 @@
-"""LesionSegmenter: region processing equals whole-scan processing, tiling, TTA/folds, geometry, errors."""
+"""SegmentSession over LesionLocatorModel: region processing equals whole-scan processing, tiling, TTA/folds,
+several prompts per lesion, geometry, the shared out-of-memory fallback, errors."""
 import itertools
 
 import numpy as np
@@ -10,7 +11,8 @@ from LesionLocatorLib.model.checkpoint import CheckpointError
 from LesionLocatorLib.core.geometry import GeometryError, Volume
 from LesionLocatorLib.model.preprocessing import normalize_ct
 from LesionLocatorLib.core.prompts import Box, Point, PromptError, encode_prompt
-from LesionLocatorLib.segment.segmenter import LesionSegmenter
+from LesionLocatorLib.model.engine import LesionLocatorModel
+from LesionLocatorLib.segment.session import SegmentSession
 from LesionLocatorLib.model.sliding_window import gaussian_importance, tiles_for_prompt
 from LesionLocatorLib.model.tiny_model import write_random_checkpoint
 
@@ -28,10 +30,14 @@ def ct_like(shape, seed=0):
     return a.astype(np.int16)
 
 
-def whole_scan_reference(seg: LesionSegmenter, prompt, kind: str, tta: bool, folds):
+def session(ckpt, **kw) -> SegmentSession:
+    return LesionLocatorModel(ckpt, device="cpu", **kw).session()
+
+
+def whole_scan_reference(seg: SegmentSession, prompt, kind: str, tta: bool, folds):
     """The published algorithm on the whole scan (torch resampling), for comparison."""
-    model = seg.model(kind)
-    grid = seg.grid(kind)
+    model = seg.model.prompt_model(kind)
+    grid = seg.prepared.grid(kind)
     img = seg.image
     data = normalize_ct(img.array[tuple(slice(a, b) for a, b in grid.crop)], model.config.ct_stats)
     S = grid.resampled_shape
@@ -82,10 +88,10 @@ def dice(a, b):
     ("box", Box((12, 28, 20, 30, 30, 40))),  # larger than the patch: sliding window
 ])
 def test_region_processing_equals_whole_scan(ckpt, kind, prompt):
-    seg = LesionSegmenter.from_checkpoint(ckpt, kind, device="cpu")
+    seg = session(ckpt)
     image = Volume(ct_like((60, 110, 130)), spacing=(2.0, 1.1, 0.9))
     seg.set_image(image)
-    got = seg.segment_prompts({1: prompt}).mask(1)
+    got = seg.segment({1: prompt}).mask(1)
     ref, n_tiles = whole_scan_reference(seg, prompt, kind, False, None)
     assert (n_tiles > 1) == (kind == "box")
     assert ref.sum() > 50
@@ -94,19 +100,24 @@ def test_region_processing_equals_whole_scan(ckpt, kind, prompt):
 
 
 def test_tta_and_fold_averaging(ckpt):
-    seg = LesionSegmenter.from_checkpoint(ckpt, "point", device="cpu", folds="all", tta=True)
-    assert len(seg.model("point").networks) == 2
+    seg = session(ckpt, folds="all", tta=True)
+    assert len(seg.model.prompt_model("point").networks) == 2
     seg.set_image(Volume(ct_like((30, 40, 40), 3), spacing=(1.5, 1.0, 1.0)))
     got = seg.segment(points={1: (15, 20, 20)}).mask(1)
     ref, _ = whole_scan_reference(seg, Point((15, 20, 20)), "point", True, "all")
     assert ref.sum() > 50 and dice(got, ref) > 0.999
-    single = LesionSegmenter.from_checkpoint(ckpt, "point", device="cpu")
+    single = session(ckpt)
     single.set_image(seg.image)
     assert dice(single.segment(points={1: (15, 20, 20)}).mask(1), got) < 0.999  # averaging changes the result
+    # per-session settings over the same weights: fold 0 without TTA equals a one-fold model
+    narrow = seg.model.session(tta=False, folds=[0])
+    narrow.set_image(seg.image)
+    np.testing.assert_array_equal(narrow.segment(points={1: (15, 20, 20)}).mask(1),
+                                  single.segment(points={1: (15, 20, 20)}).mask(1))
 
 
 def test_sliding_window_leaves_uncovered_voxels_background(ckpt):
-    seg = LesionSegmenter.from_checkpoint(ckpt, "box", device="cpu")
+    seg = session(ckpt)
     image = Volume(ct_like((40, 120, 120), 5), spacing=(1.0, 0.8, 0.8))
     seg.set_image(image)
     res = seg.segment(boxes={1: (5, 35, 10, 20, 10, 20)}, return_probabilities=True)
@@ -122,7 +133,7 @@ def test_sliding_window_leaves_uncovered_voxels_background(ckpt):
 def test_determinism_and_world_prompts(ckpt):
     rot = np.array([[0, -1, 0], [1, 0, 0], [0, 0, 1]], float) @ np.diag([-1, 1, 1])
     image = Volume(ct_like((30, 50, 45), 7), spacing=(2.5, 0.7, 0.9), origin=(12.0, -40.0, 5.0), direction=rot)
-    seg = LesionSegmenter.from_checkpoint(ckpt, "point", device="cpu")
+    seg = session(ckpt)
     seg.set_image(image)
     vox = (14, 22, 19)
     a = seg.segment(points={1: vox}).mask(1)
@@ -136,7 +147,7 @@ def test_determinism_and_world_prompts(ckpt):
 
 
 def test_label_map_ids_above_255_and_overlaps(ckpt):
-    seg = LesionSegmenter.from_checkpoint(ckpt, "point", device="cpu")
+    seg = session(ckpt)
     seg.set_image(Volume(ct_like((30, 40, 40), 9), spacing=(1.0, 1.0, 1.0)))
     res = seg.segment(points={7: (15, 20, 20), 300: (16, 21, 21)}, return_probabilities=True)
     lab = res.label_map()
@@ -150,7 +161,7 @@ def test_label_map_ids_above_255_and_overlaps(ckpt):
 
 
 def test_mask_prompts(ckpt):
-    seg = LesionSegmenter.from_checkpoint(ckpt, ["point", "box"], device="cpu")
+    seg = session(ckpt)
     seg.set_image(Volume(ct_like((30, 40, 40), 11), spacing=(1.0, 1.0, 1.0)))
     labels = np.zeros((30, 40, 40), np.int32)
     labels[10:16, 10:18, 12:20] = 1000
@@ -159,14 +170,14 @@ def test_mask_prompts(ckpt):
 
 
 def test_bad_inputs(ckpt, tmp_path):
-    seg = LesionSegmenter.from_checkpoint(ckpt, "point", device="cpu")
+    seg = session(ckpt)
     with pytest.raises(RuntimeError, match="set_image"):
         seg.segment(points={1: (1, 1, 1)})
     seg.set_image(Volume(ct_like((20, 30, 30)), spacing=(1.0, 1.0, 1.0)))
     with pytest.raises(PromptError, match="outside"):
         seg.segment(points={1: (25, 3, 3)})
     with pytest.raises(PromptError, match="outside"):
-        seg.segment(points={1: (0, 0, 0)}, space="lps") if False else seg.segment(points={1: (500.0, 0, 0)}, space="lps")
+        seg.segment(points={1: (500.0, 0, 0)}, space="lps")
     with pytest.raises(PromptError, match="no prompt"):
         seg.segment()
     with pytest.raises(PromptError, match="space"):
@@ -175,9 +186,61 @@ def test_bad_inputs(ckpt, tmp_path):
     with pytest.raises(GeometryError, match="NaN"):
         seg.set_image(bad)
     point_only = write_random_checkpoint(tmp_path / "p", kinds=("point",), patch_size=(16, 16, 16))
-    s2 = LesionSegmenter.from_checkpoint(point_only, "point", device="cpu")
+    s2 = session(point_only)
     s2.set_image(Volume(ct_like((20, 30, 30)), spacing=(1.0, 1.0, 1.0)))
     with pytest.raises(CheckpointError, match="no box model"):
         s2.segment(boxes={1: (2, 8, 2, 8, 2, 8)})
-    with pytest.raises(CheckpointError, match="no box model"):
-        LesionSegmenter.from_checkpoint(point_only, "box", device="cpu")
+    with pytest.raises(PromptError, match="either"):
+        s2.segment({1: Point((3, 3, 3))}, points={2: (4, 4, 4)})
+    with pytest.raises(CheckpointError, match="fold"):
+        LesionLocatorModel(point_only, device="cpu", folds=[3])
+
+
+def test_several_prompts_of_one_lesion(ckpt):
+    """Points of a lesion: each segmented, masks united; a box replaces its points; ids are kept."""
+    seg = session(ckpt)
+    seg.set_image(Volume(ct_like((40, 60, 60), 13), spacing=(1.0, 1.0, 1.0)))
+    p1, p2 = (12, 20, 20), (28, 40, 42)
+    one = seg.segment(points={5: p1}).mask(5)
+    two = seg.segment(points={5: p2}).mask(5)
+    both = seg.segment(points={5: [p1, p2]})
+    assert list(both.lesions) == [5]
+    np.testing.assert_array_equal(both.mask(5), (one | two).astype(np.uint8))
+    assert one.any() and two.any() and (one != two).any()
+    box = (8, 20, 14, 30, 14, 30)
+    boxed = seg.segment({5: [Point(p1), Box(box), Point(p2)]}).mask(5)
+    np.testing.assert_array_equal(boxed, seg.segment(boxes={5: box}).mask(5))
+
+
+def test_out_of_memory_fallback_is_seen_by_every_session(ckpt, monkeypatch):
+    """A CUDA out-of-memory error moves the shared networks to the CPU and every session and tracker of the
+    model runs on the CPU from then on (simulated: the first tile raises the error as if on CUDA)."""
+    model = LesionLocatorModel(ckpt, device="cpu")
+    a, b = model.session(), model.session()
+    image = Volume(ct_like((30, 40, 40), 3), spacing=(1.5, 1.0, 1.0))
+    a.set_image(image)
+    b.set_image(image)
+    expected = b.segment(points={1: (15, 20, 20)}).mask(1)
+    real = model._forward
+    calls = []
+
+    def flaky(kind, x, tta, folds):
+        calls.append(str(model.device))
+        if len(calls) == 1:
+            model._device = torch.device("cuda")  # as if the networks lived on the GPU
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(kind, x, tta, folds)
+
+    monkeypatch.setattr(model, "_forward", flaky)
+    got = a.segment(points={1: (15, 20, 20)}).mask(1)
+    assert calls == ["cpu", "cpu"] and model.device.type == "cpu"
+    np.testing.assert_array_equal(got, expected)
+    assert all(p.device.type == "cpu" for n in model.prompt_model("point").networks for p in n.parameters())
+    np.testing.assert_array_equal(b.segment(points={1: (15, 20, 20)}).mask(1), expected)
+    # without the fallback the user gets one clear error
+    model.cpu_fallback = False
+    calls.clear()
+    from LesionLocatorLib.model.engine import InferenceError
+
+    with pytest.raises(InferenceError, match="out of memory"):
+        a.segment(points={1: (15, 20, 20)})
