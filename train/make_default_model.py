@@ -11,7 +11,7 @@ Stages:
 2. ``export``: the final weights (stored as float16) into the published layout
    ``<output>/LesionLocatorCheckpoint/LesionLocatorSeg/{point_optimized,bbox_optimized}/`` - the same
    network in both folders (one model trained with both prompt types).
-3. ``evaluate``: ``LesionSegmenter.from_checkpoint`` on the exported package, on held-out real lesions
+3. ``evaluate``: ``LesionLocatorModel`` sessions on the exported package, on held-out real lesions
    (STS) and held-out phantoms, with point prompts (the centroid point of cases.json and random interior
    points) and box prompts, against the region-growing baseline of ``train/baseline.py`` on the same
    prompts; Dice and NSD (2 mm); written to ``<output>/evaluation.json``.
@@ -176,11 +176,12 @@ def _score(pred: np.ndarray, gt: np.ndarray, spacing) -> dict[str, float]:
 def evaluate(package: Path, data_root: Path, seed: int = 0, n_random_points: int = 4, n_phantoms: int = 3,
              include_training_cases: bool = True) -> dict[str, Any]:
     """Dice / NSD of the packaged model and the region-growing baseline on the same prompts."""
-    from LesionLocatorLib.segment.segmenter import LesionSegmenter
+    from LesionLocatorLib.model.engine import LesionLocatorModel
 
-    seg = LesionSegmenter.from_checkpoint(package, ["point", "box"], device="cpu", tta=False)
-    # mirroring TTA (8 passes; off by default in the CLI) reported alongside, on the same prompts
-    seg_tta = LesionSegmenter.from_checkpoint(package, ["point", "box"], device="cpu", tta=True)
+    model = LesionLocatorModel(package, device="cpu", tta=False)
+    seg = model.session()
+    # mirroring TTA (8 passes; off by default in the CLI) reported alongside, on the same prompts and weights
+    seg_tta = model.session(tta=True)
     rng = np.random.default_rng(seed)
     records: list[dict] = []
     items: list[tuple[str, str, Any, np.ndarray, dict]] = []  # (group, name, image Volume, labels, details)
@@ -245,7 +246,7 @@ def evaluate_tracking(package: Path, data_root: Path, seed: int = 0, n_phantoms:
     figures isolate tracking. Compared in the same run: ``refine="segment"`` (the model re-segments each
     lesion from its propagated mask; the shipped default) against ``refine="none"`` (the warped mask)."""
     from LesionLocatorLib.synthetic.longitudinal import make_followup
-    from LesionLocatorLib.track.tracker import LesionTracker
+    from LesionLocatorLib.model.engine import LesionLocatorModel
 
     items = []
     for c in real_cases(data_root):
@@ -255,8 +256,8 @@ def evaluate_tracking(package: Path, data_root: Path, seed: int = 0, n_phantoms:
     for i in range(n_phantoms):
         ct, lab = make_phantom((64, 128, 128), (2.0, 1.5, 1.5), n_lesions=3, seed=910000 + seed * 100 + i)
         items.append(("phantom_heldout", f"phantom_track_{i}", ct, lab))
-    trackers = {r: LesionTracker.from_checkpoint(package, device="cpu", propagation="classical", refine=r)
-                for r in ("segment", "none")}
+    model = LesionLocatorModel(package, device="cpu")
+    trackers = {r: model.tracker(propagation="classical", refine=r) for r in ("segment", "none")}
     rng = np.random.default_rng(seed + 17)
     records = []
     for group, name, img, lab in items:
@@ -266,7 +267,8 @@ def evaluate_tracking(package: Path, data_root: Path, seed: int = 0, n_phantoms:
                                       shift_mm=(6.0, -4.0, 3.0), smooth_deformation_mm=2.0, growth=growth)
         for refine, tracker in trackers.items():
             t0 = time.perf_counter()
-            res = tracker.track(img, [fu], lab.array.astype(np.uint16))[0]
+            tracker.set_images(img, [fu])
+            res = tracker.track(lab.array.astype(np.uint16)).followups[0]
             dt = time.perf_counter() - t0
             for lid in ids:
                 gt = fu_lab.array == lid

@@ -10,7 +10,7 @@ the library's prompt encoder; a patch of the plans' patch size is cut around the
 network (plans' ResEnc UNet, 1 image + 1 prompt channel, deep supervision) is trained with nnU-Net's
 Dice + CE loss and SGD (momentum 0.99, Nesterov, weight decay 3e-5, poly decay). Output: the published
 layout ``OUT/{plans.json, dataset.json, fold_K/checkpoint_final.pth}`` loadable by
-``LesionSegmenter.from_checkpoint`` plus ``fold_K/checkpoint_latest.pth`` (optimizer state, for ``--resume``),
+``LesionLocatorModel`` plus ``fold_K/checkpoint_latest.pth`` (optimizer state, for ``--resume``),
 ``fold_K/training_log.jsonl`` and ``fold_K/progress.png``.
 """
 from __future__ import annotations

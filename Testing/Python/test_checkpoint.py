@@ -10,7 +10,7 @@ from LesionLocatorLib.model.checkpoint import (CheckpointError, available_folds,
                                          select_folds)
 from LesionLocatorLib.model.network import build_network, count_parameters
 from LesionLocatorLib.model.plans import PlansError, config_from_dicts, load_model_config, make_dataset_json, make_plans
-from LesionLocatorLib.segment.segmenter import LesionSegmenter
+from LesionLocatorLib.model.engine import LesionLocatorModel
 from LesionLocatorLib.model.tiny_model import write_random_checkpoint
 
 
@@ -77,7 +77,7 @@ def test_weights_that_do_not_fit_the_plans(package, tmp_path):
     plans["configurations"]["3d_fullres"]["architecture"]["arch_kwargs"]["features_per_stage"][0] = 3
     (d / "plans.json").write_text(json.dumps(plans))
     with pytest.raises(CheckpointError, match=r"checkpoint_final.pth do not fit.*shape"):
-        LesionSegmenter.from_checkpoint(d, "point", device="cpu")
+        LesionLocatorModel(d, device="cpu").prompt_model("point")
 
 
 def test_foreign_checkpoint(package, tmp_path):

@@ -7,7 +7,7 @@ import pytest
 from LesionLocatorLib.core.geometry import Volume
 from LesionLocatorLib.model.plans import config_from_dicts, make_dataset_json, make_plans
 from LesionLocatorLib.model.preprocessing import plan_grid
-from LesionLocatorLib.core.prompts import (Box, Mask, Point, PromptError, ball, box_to_resampled, encode_prompt,
+from LesionLocatorLib.core.prompts import (Box, Mask, Point, PromptError, ball, collect_prompts, effective, lesion_prompts, parse_prompts, box_to_resampled, encode_prompt,
                                       load_prompt_json, point_to_resampled, prompts_from_label_map,
                                       prompts_to_json, validate)
 
@@ -63,8 +63,44 @@ def test_json_with_gaps_and_large_ids(tmp_path):
     path.write_text(json.dumps({"1": {"point": [1, 2, 3]}, "7": {"point": [4, 5, 6]}, "300": {"box": [0, 2, 0, 3, 0, 4]}}))
     prompts = load_prompt_json(path)
     assert sorted(prompts) == [1, 7, 300]
-    assert prompts[300] == Box((0, 2, 0, 3, 0, 4))
+    assert prompts[300] == [Box((0, 2, 0, 3, 0, 4))]
     assert prompts_to_json(prompts)["7"] == {"point": [4, 5, 6]}
+
+
+def test_one_vocabulary_from_json_kwargs_and_wire():
+    """The published JSON, keyword arguments and the wire format (JSON + mask crops) give the same prompts."""
+    img = Volume(np.zeros((10, 20, 30), np.int16), spacing=(2.0, 0.5, 0.75), origin=(3.0, -4.0, 5.0))
+    mask = np.zeros(img.shape, bool)
+    mask[2:5, 3:9, 4:6] = True
+    kw = collect_prompts(img, points={2: [(1, 2, 3), (4, 5.5, 6)]}, boxes={9: (0, 2, 0, 3, 0, 4)}, masks={4: mask})
+    assert list(kw) == [2, 4, 9]
+    assert kw[2] == [Point((1.0, 2.0, 3.0)), Point((4.0, 5.5, 6.0))]
+    from_json = parse_prompts({"2": [{"point": [1, 2, 3]}, {"point": [4, 5.5, 6]}], "9": {"box": [0, 2, 0, 3, 0, 4]}})
+    assert from_json == {2: kw[2], 9: kw[9]}
+    arrays = []
+    wire = prompts_to_json(kw, arrays)
+    assert len(arrays) == 1 and arrays[0].shape == (3, 6, 2)
+    back = parse_prompts(json.loads(json.dumps(wire)), img, arrays)
+    assert back[2] == kw[2] and back[9] == kw[9]
+    np.testing.assert_array_equal(back[4][0].mask, mask)
+    with pytest.raises(PromptError, match="label maps"):
+        prompts_to_json(kw)  # masks need the wire container
+    with pytest.raises(PromptError, match="does not fit"):
+        parse_prompts({"4": {"mask": {"bbox": [2, 5, 3, 9, 4, 6], "array": 0}}}, img, [np.ones((1, 1, 1), bool)])
+    with pytest.raises(PromptError, match="malformed"):
+        parse_prompts({"4": {"mask": {"bbox": [2, 5, 3, 9, 4, 6], "array": 1}}}, img, arrays)
+
+
+def test_several_prompts_rule():
+    """A mask wins, else the last box, else every point (documented in core.prompts)."""
+    p1, p2, b1, b2 = Point((1, 1, 1)), Point((2, 2, 2)), Box((0, 1, 0, 1, 0, 1)), Box((0, 2, 0, 2, 0, 2))
+    m = Mask(np.ones((2, 2, 2), bool))
+    assert effective([p1, p2]) == [p1, p2]
+    assert effective([p1, b1, p2, b2]) == [b2]
+    assert effective([b1, m, p1]) == [m]
+    assert lesion_prompts({"3": p1, 1: [b1, p2]}) == {1: [b1, p2], 3: [p1]}
+    with pytest.raises(PromptError, match="not a Point"):
+        lesion_prompts({1: [(1, 2, 3)]})
 
 
 @pytest.mark.parametrize("data, msg", [
@@ -115,11 +151,14 @@ def test_world_prompts_lps_and_ras():
     lps = img.voxel_to_world(zyx)
     ras = img.voxel_to_world(zyx, ras=True)
     got = load_prompt_json({"1": {"point_lps": lps.tolist()}, "2": {"point_ras": ras.tolist()}}, img)
-    np.testing.assert_allclose(got[1].zyx, zyx, atol=1e-9)
-    np.testing.assert_allclose(got[2].zyx, zyx, atol=1e-9)
+    np.testing.assert_allclose(got[1][0].zyx, zyx, atol=1e-9)
+    np.testing.assert_allclose(got[2][0].zyx, zyx, atol=1e-9)
     a, b = img.voxel_to_world((2, 3, 4)), img.voxel_to_world((5, 9, 12))
     box = load_prompt_json({"3": {"box_lps": [a.tolist(), b.tolist()]}}, img)[3]
-    assert box == Box((2, 6, 3, 10, 4, 13))
+    assert box == [Box((2, 6, 3, 10, 4, 13))]
+    ras_box = collect_prompts(img, boxes={3: [img.voxel_to_world((2, 3, 4), ras=True),
+                                              img.voxel_to_world((5, 9, 12), ras=True)]}, space="ras")
+    assert ras_box[3] == box
 
 
 def test_label_map_prompts_keep_any_ids():

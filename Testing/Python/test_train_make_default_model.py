@@ -13,7 +13,7 @@ from LesionLocatorLib.model.checkpoint import write_checkpoint
 from LesionLocatorLib.model.network import build_network
 from LesionLocatorLib.synthetic.phantom import lesion_prompts, make_phantom
 from LesionLocatorLib.model.plans import config_from_dicts, make_dataset_json
-from LesionLocatorLib.segment.segmenter import LesionSegmenter
+from LesionLocatorLib.model.engine import LesionLocatorModel
 from train import make_default_model as M
 
 
@@ -45,9 +45,8 @@ def test_export_writes_both_models_fp16(tmp_path):
     assert [p.parent.parent.name for p in paths] == ["point_optimized", "bbox_optimized"]
     ck = torch.load(paths[0], map_location="cpu", weights_only=False)
     assert all(v.dtype == torch.float16 for v in ck["network_weights"].values() if v.is_floating_point())
-    seg = LesionSegmenter.from_checkpoint(tmp_path / "pkg" / "LesionLocatorCheckpoint", ["point", "box"],
-                                          device="cpu")
-    assert set(seg.prompt_types) == {"point", "box"}
+    model = LesionLocatorModel(tmp_path / "pkg" / "LesionLocatorCheckpoint", device="cpu")
+    assert model.kinds == ["point", "box"]
 
 
 def test_missing_bundle_raises_clear_error(tmp_path, monkeypatch):
@@ -64,7 +63,7 @@ def test_bundled_model_segments_a_phantom_quickly():
         pytest.skip("bundled default model not built in this checkout")
     size = sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
     assert size < 20e6
-    seg = LesionSegmenter.from_checkpoint(root, ["point", "box"], device="cpu")
+    seg = LesionLocatorModel(root, device="cpu").session()
     ct, lab = make_phantom((64, 128, 128), (2.0, 1.5, 1.5), n_lesions=2, seed=424242)
     seg.set_image(ct)
     pr = lesion_prompts(lab)

@@ -9,7 +9,7 @@ import torch
 
 from LesionLocatorLib.synthetic.phantom import lesion_prompts, make_phantom
 from LesionLocatorLib.model.plans import config_from_dicts, make_dataset_json, make_plans
-from LesionLocatorLib.segment.segmenter import LesionSegmenter
+from LesionLocatorLib.model.engine import LesionLocatorModel
 from train import data as D
 from train.trainer_segment import (LATEST, LOG_NAME, PLOT_NAME, SegmentConfig, SegmentTrainer, TrainError,
                                    init_from_pretrained, read_log)
@@ -58,8 +58,9 @@ def test_run_writes_published_layout_loadable_and_resumes(cases, tmp_path):
     assert latest["current_epoch"] == 2 and latest["optimizer_state"]["state"]
 
     # the library loads it unchanged (fp16-stored weights become float) and segments
-    seg = LesionSegmenter.from_checkpoint(tmp_path, "point", device="cpu")
-    assert next(seg.model("point").networks[0].parameters()).dtype == torch.float32
+    model = LesionLocatorModel(tmp_path, device="cpu")
+    assert next(model.prompt_model("point").networks[0].parameters()).dtype == torch.float32
+    seg = model.session()
     ct, lab = make_phantom((40, 64, 64), (2.5, 2.0, 2.0), n_lesions=1, seed=9)
     seg.set_image(ct)
     res = seg.segment(points={1: lesion_prompts(lab)[1]["point"]})
