@@ -119,6 +119,47 @@ def test_help_documents_every_command():
         assert flag in r.stdout
 
 
+def test_help_states_each_default_once():
+    r = subprocess.run([sys.executable, "-m", "LesionLocatorLib.cli.main", "track", "--help"], capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    text = " ".join(r.stdout.split())
+    assert text.count("(default: the bundled demo model)") == 1
+    import re
+
+    assert not re.search(r"\(default:[^)]*\)\s*\(default:", text)
+
+
+@pytest.mark.parametrize("extra, msg", [
+    (["--server", ""], "--server is empty"),
+    (["--server", "http://127.0.0.1:9", "-m", "x"], "cannot be used with --server"),
+    (["--server", "http://127.0.0.1:9", "--device", "cpu"], "cannot be used with --server"),
+    (["--token", "abc"], "only used with --server"),
+])
+def test_contradicting_backend_options_are_refused(setup, extra, msg, capsys):
+    d, ck, _ = setup
+    argv = ["segment", "-i", str(d / "ct.nii.gz"), "-p", str(d / "pts.json"), "-o", str(d / "contra")] + extra
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert msg in err and "Traceback" not in err
+    assert not (d / "contra").exists()
+
+
+def test_outputs_get_the_usual_permissions(setup):
+    """Atomic writes go through mkstemp (mode 0600); outputs must still be readable by colleagues (umask)."""
+    import os
+
+    d, ck, _ = setup
+    old = os.umask(0o022)
+    try:
+        assert main(["segment", "-i", str(d / "ct.nii.gz"), "-p", str(d / "pts.json"), "-o", str(d / "perm"),
+                     "-m", str(ck), "--device", "cpu"]) == 0
+    finally:
+        os.umask(old)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in (d / "perm").iterdir()}
+    assert modes and set(modes.values()) == {0o644}, modes
+
+
 def test_cuda_requested_without_gpu(setup, capsys):
     import torch
 
