@@ -31,6 +31,8 @@ def _overview_png(path: Path, base, fu, base_res, fu_res, base_truth, fu_truth, 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from ..core.results import LesionStatus
+
     ids = sorted(base_res.lesions)
     fig, axes = plt.subplots(len(ids), 2, figsize=(8, 3.6 * len(ids)), squeeze=False)
     for row, lid in enumerate(ids):
@@ -45,7 +47,7 @@ def _overview_png(path: Path, base, fu, base_res, fu_res, base_truth, fu_truth, 
                 ax.contour(truth.array[z] == lid, levels=[0.5], colors="yellow", linewidths=1, linestyles="--")
             if mask[z].any():
                 ax.contour(mask[z], levels=[0.5], colors="red", linewidths=1.2)
-            status = res.lesions[lid].status if lid in res.lesions else "not found"
+            status = res.lesions[lid].status if lid in res.lesions else LesionStatus.NOT_FOUND
             m = report.measurement(lid, col) if report is not None else None
             extra = f", {m.volume_ml:.2f} ml" if m is not None and m.volume_ml is not None else ""
             ax.set_title(f"Lesion {lid} - {title} (z={z}): {status}{extra}", fontsize=9)

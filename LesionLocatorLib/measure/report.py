@@ -55,13 +55,13 @@ from scipy.spatial import ConvexHull
 from ..core.files import atomic_write_text
 from ..core.geometry import Volume
 from .metrics import MetricError, lesion_crops
-from ..core.results import LesionMask, SegmentationResult, bbox_slices, tight_bbox
+from ..core.results import LesionMask, LesionStatus, SegmentationResult, bbox_slices, tight_bbox
 
 Point3 = tuple[float, float, float]
 
 STATUS_BASELINE = "baseline"
 STATUS_TRACKED = "tracked"
-STATUS_NOT_FOUND = "not found"
+STATUS_NOT_FOUND = LesionStatus.NOT_FOUND.value
 STATUS_NEW = "new"  # found at a follow-up although empty at baseline: not a target lesion
 
 
@@ -413,7 +413,7 @@ def build_report(timepoints: Sequence[tuple[str, Volume, Mapping[int, MaskLike]]
         if not isinstance(geometry, Volume):
             raise ReportError(f"timepoint {name!r}: geometry must be a Volume, got {type(geometry).__name__}")
         st = (statuses[t] if statuses is not None else None) or {}
-        unknown = set(st.values()) - {"found", STATUS_NOT_FOUND, STATUS_TRACKED, STATUS_BASELINE}
+        unknown = set(st.values()) - {*(s.value for s in LesionStatus), STATUS_TRACKED, STATUS_BASELINE}
         if unknown:
             raise ReportError(f"timepoint {name!r}: unknown lesion status {sorted(unknown)}")
         for lid in ids:

@@ -9,7 +9,8 @@ import math
 import numpy as np
 import pytest
 
-from LesionLocatorLib.measure.evaluate import EvaluationError, add_arguments, evaluate_folder, load_patients, run
+from LesionLocatorLib.cli.evaluate import add_arguments, run
+from LesionLocatorLib.measure.evaluate import EvaluationError, evaluate_folder, load_patients
 from LesionLocatorLib.core.geometry import Volume
 from LesionLocatorLib.core.image_io import write_image
 

@@ -318,7 +318,8 @@ def test_label_maps_and_cli(tmp_path, capsys):
     import argparse
 
     from LesionLocatorLib.core.image_io import write_image
-    from LesionLocatorLib.measure.report import add_arguments, build_report_from_label_maps, run
+    from LesionLocatorLib.cli.report import add_arguments, run
+    from LesionLocatorLib.measure.report import build_report_from_label_maps
 
     shape = (3, 30, 60)
     paths = []
