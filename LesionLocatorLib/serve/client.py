@@ -1,45 +1,44 @@
-"""LesionLocatorClient: the in-process segmentation API, executed by a LesionLocator server.
+"""RemoteBackend: the local backend's objects, executed by a LesionLocator server (``lesionlocator serve``).
 
-    client = LesionLocatorClient("http://127.0.0.1:8765", token=None)
-    client.set_image(volume)                       # uploaded once (skipped if the server has it)
-    result = client.segment(points={1: (z, y, x)}) # SegmentationResult, like LesionSegmenter
-    client.undo()
+    backend = RemoteBackend("http://gpu-box:8765", token=None, folds=None, tta=False)
+    session = backend.session()                      # RemoteSession: SegmentSession's set_image / segment
+    session.set_image(volume)                        # uploaded once per content hash (skipped if held)
+    result = session.segment(points={1: (z, y, x)})  # SegmentationResult, lesion ids unchanged
+    tracker = backend.tracker()                      # RemoteTracker: LesionTracker's set_images / track / close
+    tracker.set_images(baseline, [followup])
+    tracked = tracker.track(masks=label_map)         # TrackingResult
+    backend.close()                                  # deletes this client's server sessions
 
-The client keeps the pasted state of the session (``client.lesions``): each reply holds only
-the lesions that changed, as crops, and is pasted over the previous state.  A failed request
-leaves that state (and the caller's arrays) untouched.  Every failure is a :class:`ServerError`.
+Prompts are resolved exactly as in-process (``segment.session.resolve_prompts``), written with
+``core.prompts.prompts_to_json`` and parsed on the server by ``core.prompts.parse_prompts``; mask prompts travel
+as crops inside the wire container. Every request carries ``folds`` and ``tta``, so equal settings give equal
+masks. Every failure talking to the server is a :class:`ServerError`.
 """
 from __future__ import annotations
 
-import argparse
+import os
 import secrets
+import threading
 import time
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
 from ..core.geometry import Volume
-from ..core.results import LesionMask, SegmentationResult
-from .wire import (
-    MASKS_MEDIA_TYPE,
-    PROTOCOL_VERSION,
-    VOLUME_MEDIA_TYPE,
-    WireError,
-    content_hash,
-    decode_masks,
-    encode_mask_prompt,
-    iter_encode_volume,
-    unpack_bundles,
-)
+from ..core.results import SegmentationResult, TrackingResult
+from .wire import (MEDIA_TYPE, PROTOCOL_VERSION, WireError, content_hash, decode_results, encode_request,
+                   iter_encode_volume)
 
 API = "/v1"
 CLIENT_KEY_HEADER = "X-LesionLocator-Client"
+Progress = Callable[[float, str], None]
 
 
 class ServerError(IOError):
     """Base class of every client-side failure talking to a LesionLocator server."""
 
-    def __init__(self, message: str, status: int | None = None, code: str | None = None, url: str | None = None):
+    def __init__(self, message: str, status: Optional[int] = None, code: Optional[str] = None,
+                 url: Optional[str] = None):
         super().__init__(message)
         self.message, self.status, self.code, self.url = message, status, code, url
 
@@ -56,7 +55,7 @@ class AuthenticationError(ServerError):
 
 
 class ProtocolMismatch(ServerError):
-    """The server speaks another protocol version, or lacks a needed capability."""
+    """The server speaks another protocol version, is not a LesionLocator server, or sent an unreadable reply."""
 
 
 class ServerTimeout(ServerError):
@@ -78,13 +77,16 @@ class ServerInternalError(ServerError):
 def _error_from_response(resp: Any, url: str) -> ServerError:
     try:
         body = resp.json()
-        code, message = str(body.get("error", "")), str(body.get("message", resp.text[:500]))
-    except ValueError:
-        code, message = "", resp.text[:500] or resp.reason
+        code, message = str(body.get("error", "")), str(body.get("message", ""))
+    except (ValueError, AttributeError):
+        body = None
+    if body is None or not message:
+        kind = resp.headers.get("content-type", "?").split(";")[0]
+        code, message = "", f"{resp.reason or 'error'} (a {kind} answer, not from a LesionLocator server?)"
     status = resp.status_code
     text = f"server {url} answered {status}: {message}"
     if status == 401:
-        return AuthenticationError(f"{text} (check the token given to LesionLocatorClient)", status, code, url)
+        return AuthenticationError(f"{text} (check the token given to the backend)", status, code, url)
     if status == 404 and code == "unknown_session":
         return SessionLost(text, status, code, url)
     if 400 <= status < 500:
@@ -96,22 +98,36 @@ class _UploadTooLarge(Exception):
     """Internal: the upload stream passed the server's advertised limit."""
 
 
-class LesionLocatorClient:
-    """Remote twin of :class:`LesionLocatorLib.segment.segmenter.LesionSegmenter` (one server session per client)."""
+def _folds_json(folds: Any) -> Any:
+    """The engine's ``folds`` values (None, 'all', 3, '0,1', [0, 1]) as JSON (None, 'all' or a list)."""
+    if folds is None or folds == "all":
+        return folds
+    if isinstance(folds, str):
+        try:
+            return [int(f) for f in folds.split(",") if f.strip()]
+        except ValueError:
+            raise ValueError(f"folds must be 'all', an integer or integers, got {folds!r}") from None
+    if isinstance(folds, (int, np.integer)) and not isinstance(folds, bool):
+        return [int(folds)]
+    return [int(f) for f in folds]
 
-    def __init__(
-        self,
-        url: str = "http://127.0.0.1:8765",
-        token: str | None = None,
-        timeout: float | tuple[float, float] = (5.0, 600.0),
-        check_version: bool = True,
-        upload_threads: int | None = None,
-        compression_level: int = 1,
-        verify: bool | str = True,
-    ) -> None:
+
+class RemoteBackend:
+    """A LesionLocator server as a backend: the twin of ``backend.LocalBackend``."""
+
+    remote = True
+
+    def __init__(self, url: str, token: Optional[str] = None, folds: Any = None, tta: bool = False,
+                 timeout: Union[float, Tuple[float, float]] = (5.0, 600.0), check_version: bool = True,
+                 upload_threads: Optional[int] = None, compression_level: int = 1,
+                 verify: Union[bool, str] = True) -> None:
         import requests
 
-        self.url = url.rstrip("/")
+        if not str(url).strip():
+            raise ValueError("the server URL is empty")
+        self.url = str(url).rstrip("/")
+        self.folds = _folds_json(folds)
+        self.tta = bool(tta)
         self.timeout = timeout
         self._http = requests.Session()  # keep-alive: one TCP connection for all clicks
         self._http.headers[CLIENT_KEY_HEADER] = secrets.token_hex(16)
@@ -119,42 +135,75 @@ class LesionLocatorClient:
             self._http.headers["Authorization"] = f"Bearer {token}"
         self._http.trust_env = False  # never route loopback traffic through an HTTP proxy from the environment
         self._http.verify = verify  # https: True, or a CA bundle path for a self-signed server certificate
+        self._lock = threading.Lock()  # one request at a time on the shared connection
         self.upload_threads = upload_threads or max(1, min(4, (_cpu_count() or 2) - 1))
         self.compression_level = compression_level
-        self.session_id: str | None = None
-        self.capabilities: dict[str, Any] | None = None
-        self.image: Volume | None = None
-        self.image_hash: str | None = None
-        self.lesions: dict[int, LesionMask] = {}
-        self.baseline_result: SegmentationResult | None = None
+        self.capabilities: Optional[Dict[str, Any]] = None
         self.last_request_bytes = 0
         self.last_response_bytes = 0
-        self.last_server_ms: float | None = None  # the model job's time as the server measured it
-        self.last_changed: dict[int, list[int] | None] = {}  # per lesion: the region to repaint
+        self.last_server_ms: Optional[float] = None  # the model job's time as the server measured it
+        self.last_upload: Optional[Dict[str, float]] = None  # bytes sent, seconds, MB/s of the last upload
         self.uploads = 0
+        self._open: List["_ServerSession"] = []
         if check_version:
             self.check_server()
 
-    # -- plumbing ------------------------------------------------------------------------
-    def _request(self, method: str, path: str, *, expect: str = "json", **kw: Any) -> Any:
+    # -- the backend contract ---------------------------------------------------------------
+    def session(self) -> "RemoteSession":
+        """A new per-image segmentation session (the twin of ``SegmentSession``)."""
+        return self._track_open(RemoteSession(self))
+
+    def tracker(self, propagation: Optional[str] = None, refine: Optional[str] = None) -> "RemoteTracker":
+        """A new tracker (the twin of ``LesionTracker``); None: the server's default method."""
+        return self._track_open(RemoteTracker(self, propagation, refine))
+
+    def describe(self) -> Dict[str, Any]:
+        info = self.capabilities or self.check_server()
+        settings = dict(info.get("settings") or {})
+        settings.update(backend="remote", url=self.url, server_version=info.get("version"),
+                        requested_folds=self.folds, requested_tta=self.tta, tracking=info.get("tracking"))
+        return settings
+
+    def close(self) -> None:
+        """Delete this client's server sessions (best effort) and close the connection."""
+        for s in list(self._open):
+            s.close()
+        self._http.close()
+
+    def __enter__(self) -> "RemoteBackend":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def _track_open(self, s: Any) -> Any:
+        self._open.append(s)
+        return s
+
+    # -- plumbing ---------------------------------------------------------------------------
+    def settings_json(self) -> Dict[str, Any]:
+        return {"folds": self.folds, "tta": self.tta}
+
+    def request(self, method: str, path: str, *, expect: str = "json", **kw: Any) -> Any:
         import requests
 
         url = f"{self.url}{path}"
         kw.setdefault("timeout", self.timeout)
         try:
-            resp = self._http.request(method, url, **kw)
+            with self._lock:
+                resp = self._http.request(method, url, **kw)
         except requests.exceptions.Timeout as exc:
             raise ServerTimeout(f"no answer from {url} within {self.timeout} s ({type(exc).__name__}); "
                                 "the server may be busy with a long request", url=url) from None
         except requests.exceptions.ConnectionError as exc:
             raise ServerUnreachable(
                 f"cannot reach the LesionLocator server at {self.url} ({_short(exc)}); is it running? "
-                f"start it with 'lesionlocator serve -m CHECKPOINT' or check the URL", url=url) from None
+                "start it with 'lesionlocator serve -m CHECKPOINT' or check the URL", url=url) from None
         except requests.exceptions.RequestException as exc:
             raise ServerError(f"request to {url} failed: {_short(exc)}", url=url) from None
         req = resp.request
-        body = req.body if isinstance(req.body, (bytes, bytearray)) else (req.body.encode() if isinstance(req.body, str)
-                                                                          else b"")
+        body = req.body if isinstance(req.body, (bytes, bytearray)) else (
+            req.body.encode() if isinstance(req.body, str) else b"")
         self.last_request_bytes = _head_bytes(req) + len(body)
         self.last_response_bytes = len(resp.content) + sum(len(k) + len(v) + 4 for k, v in resp.headers.items())
         if resp.status_code >= 400:
@@ -165,14 +214,14 @@ class LesionLocatorClient:
             except ValueError:
                 raise ProtocolMismatch(f"server {self.url} did not answer JSON on {path}: is it a LesionLocator "
                                        "server?", url=url) from None
-        if resp.headers.get("content-type", "").split(";")[0] != MASKS_MEDIA_TYPE and expect == "masks":
+        if resp.headers.get("content-type", "").split(";")[0] != MEDIA_TYPE:
             raise ProtocolMismatch(f"server {self.url} answered {resp.headers.get('content-type')} on {path}",
                                    url=url)
         return resp.content
 
-    def check_server(self) -> dict[str, Any]:
-        """Ask the server for its version and capabilities; refuse a mismatched protocol."""
-        info = self._request("GET", f"{API}/version")
+    def check_server(self) -> Dict[str, Any]:
+        """Ask the server for its version, settings and limits; refuse a mismatched protocol."""
+        info = self.request("GET", f"{API}/version")
         if not isinstance(info, dict) or info.get("server") != "lesionlocator":
             raise ProtocolMismatch(f"{self.url} is not a LesionLocator server", url=self.url)
         if info.get("protocol") != PROTOCOL_VERSION:
@@ -182,57 +231,21 @@ class LesionLocatorClient:
         self.capabilities = info
         return info
 
-    def _session(self) -> str:
-        if self.session_id is None:
-            self.session_id = self._request("POST", f"{API}/sessions")["session_id"]
-        return self.session_id
+    def new_session(self) -> str:
+        return str(self.request("POST", f"{API}/sessions")["session_id"])
 
-    def close(self) -> None:
-        """Delete the server session (best effort) and close the connection."""
-        if self.session_id is not None:
-            try:
-                self._request("DELETE", f"{API}/sessions/{self.session_id}", timeout=5)
-            except ServerError:
-                pass
-            self.session_id = None
-        self._http.close()
-
-    def __enter__(self) -> "LesionLocatorClient":
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
-
-    # -- image ----------------------------------------------------------------------------
-    def set_image(self, volume: Volume) -> str:
-        """Make ``volume`` the session image; uploads it only if the server does not already hold it.
-
-        Returns its content hash.  The caller's array is only read.
-        """
-        if not isinstance(volume, Volume):
-            raise TypeError(f"set_image needs a Volume, got {type(volume).__name__}")
-        digest = content_hash(volume)
-        held = self._select_image(volume, digest)
-        changed = digest != self.image_hash
-        if changed:
-            self.lesions = {}
-        self.image, self.image_hash = volume, digest
-        if held and (changed or set(held) != set(self.lesions)):
-            self.fetch_results()  # the session has masks on this image (earlier clicks, tracking): paste them
-        return digest
-
-    def _select_image(self, volume: Volume, digest: str, retry: bool = True) -> list[int]:
-        """Make the image current on the server (upload only if needed); returns the lesion ids it holds."""
-        sid = self._session()
+    def delete_session(self, sid: str) -> None:
         try:
-            info = self._request("POST", f"{API}/sessions/{sid}/image/reuse", json={"hash": digest})
-            return list(info.get("lesions") or [])
-        except SessionLost:
-            if not retry:
-                raise
-            self.session_id = None
-            self.lesions = {}  # the server's state of that session is gone
-            return self._select_image(volume, digest, retry=False)
+            self.request("DELETE", f"{API}/sessions/{sid}", timeout=5)
+        except ServerError:
+            pass
+
+    def select(self, sid: str, volume: Volume, digest: str) -> bool:
+        """Make ``volume`` a current image of server session ``sid``; uploads it only when the server does not
+        already hold it for this client. Returns whether it was uploaded."""
+        try:
+            self.request("POST", f"{API}/sessions/{sid}/image/reuse", json={"hash": digest})
+            return False
         except RequestRejected as exc:
             if exc.code != "image_not_cached":
                 raise
@@ -254,208 +267,207 @@ class LesionLocatorClient:
                     raise _UploadTooLarge()
                 yield piece
 
+        t0 = time.perf_counter()
         try:
-            info = self._request("PUT", f"{API}/sessions/{sid}/image", data=counted(),
-                                 headers={"Content-Type": VOLUME_MEDIA_TYPE})
+            info = self.request("PUT", f"{API}/sessions/{sid}/image", data=counted(),
+                                headers={"Content-Type": MEDIA_TYPE})
         except _UploadTooLarge:
-            cap_mib = float(upload_cap) / 2**20  # type: ignore[arg-type]
-            raise RequestRejected(f"the compressed image exceeds the server's upload limit of {cap_mib:.0f} MiB: "
-                                  "start it with a larger --max-upload-mb", code="payload_too_large",
-                                  url=self.url) from None
+            raise RequestRejected(f"the compressed image exceeds the server's upload limit of "
+                                  f"{float(upload_cap) / 2**20:.0f} MiB: start it with a larger --max-upload-mb",
+                                  code="payload_too_large", url=self.url) from None
+        seconds = time.perf_counter() - t0
         self.last_request_bytes = sent[0]
+        self.last_upload = {"sent_bytes": sent[0], "raw_bytes": int(volume.array.nbytes), "seconds": seconds,
+                            "raw_mb_per_s": volume.array.nbytes / 1e6 / max(seconds, 1e-9)}
         if info.get("image") != digest:
             raise ProtocolMismatch(f"server stored the image under hash {info.get('image')}, expected {digest}")
         self.uploads += 1
-        return []
+        return True
 
-    def _ensure_session_image(self) -> None:
-        if self.image is None or self.image_hash is None:
-            raise RequestRejected("no image: call set_image(volume) first")
+    def post(self, path: str, body: Dict[str, Any], arrays: Sequence[np.ndarray]) -> Any:
+        """A JSON request, or the wire request container when mask-prompt crops travel with it."""
+        if arrays:
+            data = self.request("POST", path, data=encode_request(body, arrays), headers={"Content-Type": MEDIA_TYPE},
+                                expect="container")
+        else:
+            data = self.request("POST", path, json=body, expect="container")
+        try:
+            reply = decode_results(data)
+        except WireError as exc:
+            raise ProtocolMismatch(f"unreadable reply from {self.url}: {exc}", url=self.url) from None
+        ms = reply.header.get("elapsed_ms")
+        self.last_server_ms = float(ms) if isinstance(ms, (int, float)) else None
+        return reply
 
-    # -- segmentation ------------------------------------------------------------------
-    def segment(
-        self,
-        points: Mapping[int, Sequence[float]] | None = None,
-        boxes: Mapping[int, Sequence[float]] | None = None,
-        masks: Mapping[int, np.ndarray | LesionMask] | None = None,
-        space: str = "voxel",
-        return_probabilities: bool = False,
-        progress: Any = None,
-    ) -> SegmentationResult:
-        """Segment lesions from prompts on the current image (same arguments as LesionSegmenter.segment).
 
-        points: {id: (z, y, x)} voxels, or (x, y, z) mm when ``space`` is "lps"/"ras".
-        boxes: {id: (z0, z1, y0, y1, x0, x1)} half-open voxels, or ((x, y, z), (x, y, z)) corners in mm.
-        masks: {id: full-size mask array or LesionMask} on the image grid.
-        """
-        self._ensure_session_image()
-        prompts = build_prompts(points, boxes, masks, space)
-        body: dict[str, Any] = {"prompts": prompts, "image": self.image_hash}
-        if return_probabilities:
-            body["probabilities"] = True
-        if progress:
-            progress(0.0, f"{len(prompts)} lesion(s) on {self.url}")
-        data = self._with_session(lambda sid: self._request(
-            "POST", f"{API}/sessions/{sid}/segment", json=body, expect="masks"))
-        result = self._paste(data)
+class _ServerSession:
+    """A server session holding this object's images; re-created (images re-uploaded) if the server lost it."""
+
+    def __init__(self, backend: RemoteBackend):
+        self.backend = backend
+        self.session_id: Optional[str] = None
+        self._held: Dict[str, Volume] = {}  # content hash -> image this object has set
+
+    def _sid(self) -> str:
+        if self.session_id is None:
+            self.session_id = self.backend.new_session()
+        return self.session_id
+
+    def _put(self, volume: Volume) -> str:
+        digest = content_hash(volume)
+        self._call(lambda sid: self.backend.select(sid, volume, digest), reselect=False)
+        self._held[digest] = volume
+        return digest
+
+    def _call(self, fn: Callable[[str], Any], reselect: bool = True) -> Any:
+        """Run ``fn(session_id)``; if the server lost the session, re-create it (re-uploading the images) once."""
+        try:
+            return fn(self._sid())
+        except SessionLost:
+            self.session_id = None
+            sid = self._sid()
+            if reselect:
+                for digest, vol in self._held.items():
+                    self.backend.select(sid, vol, digest)
+            return fn(sid)
+
+    def close(self) -> None:
+        """Delete the server session (best effort); the backend stays usable."""
+        if self.session_id is not None:
+            self.backend.delete_session(self.session_id)
+            self.session_id = None
+        self._held = {}
+        if self in self.backend._open:
+            self.backend._open.remove(self)
+
+
+def _load(image: Union[Volume, str, os.PathLike]) -> Volume:
+    if isinstance(image, Volume):
+        return image
+    from ..core.image_io import read_image
+
+    return read_image(image)
+
+
+def _resolve(image: Volume, prompts: Any, points: Any, boxes: Any, masks: Any, space: str) -> Dict[int, list]:
+    # the same resolution and validation as in-process: a bad prompt fails here, with the same message
+    from ..segment.session import resolve_prompts
+
+    return resolve_prompts(image, prompts, points, boxes, masks, space)
+
+
+def _check_cancel(cancel: Optional[threading.Event]) -> None:
+    if cancel is not None and cancel.is_set():
+        from ..segment.session import Cancelled
+
+        raise Cancelled("cancelled")
+
+
+class RemoteSession(_ServerSession):
+    """The twin of ``segment.session.SegmentSession`` on a server: same methods, arguments and results."""
+
+    def __init__(self, backend: RemoteBackend):
+        super().__init__(backend)
+        self._image: Optional[Volume] = None
+        self._hash: Optional[str] = None
+
+    def set_image(self, image: Union[Volume, str, os.PathLike]) -> None:
+        """Use ``image`` for the next prompts; it is uploaded only if the server does not hold it already."""
+        vol = _load(image)
+        self._hash = self._put(vol)
+        self._image = vol
+        self._held = {self._hash: vol}  # only the current image is re-sent if the server loses the session
+
+    @property
+    def image(self) -> Volume:
+        if self._image is None:
+            raise RuntimeError("call set_image() before segment()")
+        return self._image
+
+    @property
+    def image_hash(self) -> Optional[str]:
+        return self._hash
+
+    def segment(self, prompts: Any = None, *, points: Any = None, boxes: Any = None, masks: Any = None,
+                space: str = "voxel", return_probabilities: bool = False, progress: Optional[Progress] = None,
+                cancel: Optional[threading.Event] = None) -> SegmentationResult:
+        """Segment one lesion per id (see ``SegmentSession.segment``). One request per lesion, so progress and
+        cancel behave as in-process: cancel is checked between lesions and raises ``Cancelled``."""
+        from ..core.prompts import prompts_to_json
+
+        img = self.image
+        todo = _resolve(img, prompts, points, boxes, masks, space)
+        result = SegmentationResult(img)
+        n = len(todo)
+        for i, (lid, items) in enumerate(todo.items()):
+            _check_cancel(cancel)
+            if progress:
+                progress(i / n, f"lesion {lid} ({i + 1}/{n})")
+            arrays: List[np.ndarray] = []
+            body = {"prompts": prompts_to_json({lid: items}, arrays), "image": self._hash,
+                    "probabilities": bool(return_probabilities), **self.backend.settings_json()}
+            reply = self._call(lambda sid: self.backend.post(f"{API}/sessions/{sid}/segment", body, arrays))
+            if len(reply.results) != 1 or reply.images[0] != self._hash or set(reply.results[0]) != {lid}:
+                raise ProtocolMismatch(f"server {self.backend.url} answered for other lesions or another image",
+                                       url=self.backend.url)
+            result.lesions.update(reply.results[0])
         if progress:
             progress(1.0, "done")
         return result
 
-    def segment_prompts(self, prompts: Mapping[int, Any], return_probabilities: bool = False,
-                        progress: Any = None) -> SegmentationResult:
-        """Library prompt objects (prompts.Point / Box / Mask) in input voxels."""
-        from ..core.prompts import Box, Mask, Point
 
-        pts = {k: p.zyx for k, p in prompts.items() if isinstance(p, Point)}
-        bxs = {k: p.bounds for k, p in prompts.items() if isinstance(p, Box)}
-        msk = {k: p.mask for k, p in prompts.items() if isinstance(p, Mask)}
-        if len(pts) + len(bxs) + len(msk) != len(prompts):
-            raise TypeError("prompts must be prompts.Point, prompts.Box or prompts.Mask")
-        return self.segment(points=pts or None, boxes=bxs or None, masks=msk or None,
-                            return_probabilities=return_probabilities, progress=progress)
+class RemoteTracker(_ServerSession):
+    """The twin of ``track.tracker.LesionTracker`` on a server: same methods, arguments and results."""
 
-    def undo(self) -> SegmentationResult:
-        """Revert the last result; returns the lesions it changed (status 'removed' for lesions that vanish)."""
-        self._ensure_session_image()
-        data = self._with_session(lambda sid: self._request("POST", f"{API}/sessions/{sid}/undo",
-                                                            expect="masks"), reupload=False)
-        return self._paste(data)
+    def __init__(self, backend: RemoteBackend, propagation: Optional[str] = None, refine: Optional[str] = None):
+        super().__init__(backend)
+        self.propagation = propagation
+        self.refine = refine
+        self._images: List[Volume] = []
+        self._hashes: List[str] = []
 
-    def fetch_results(self) -> SegmentationResult:
-        """All current masks of the image as the server holds them (e.g. to resynchronise)."""
-        self._ensure_session_image()
-        data = self._with_session(lambda sid: self._request(
-            "GET", f"{API}/sessions/{sid}/results", params={"image": self.image_hash}, expect="masks"),
-            reupload=False)
-        bundle = _decode(data, self.url)
-        self.lesions = dict(bundle.lesions)
-        return SegmentationResult(self.image, dict(bundle.lesions))  # type: ignore[arg-type]
+    def set_images(self, baseline: Union[Volume, str, os.PathLike],
+                   followups: Sequence[Union[Volume, str, os.PathLike]]) -> None:
+        """The baseline and its follow-ups (Volumes or paths, all read first); each is uploaded once."""
+        vols = [_load(v) for v in [baseline, *followups]]
+        if len(vols) < 2:
+            raise ValueError("give at least one follow-up image")
+        self._held = {}
+        self._hashes = [self._put(v) for v in vols]
+        self._images = vols
 
-    def track(
-        self,
-        baseline: Volume,
-        followups: Sequence[Volume],
-        points: Mapping[int, Sequence[float]] | None = None,
-        boxes: Mapping[int, Sequence[float]] | None = None,
-        masks: Mapping[int, np.ndarray | LesionMask] | None = None,
-        space: str = "voxel",
-        from_baseline: bool = False,
-    ) -> list[SegmentationResult]:
-        """Track baseline lesions into follow-ups; returns one result per follow-up (like LesionTracker.track).
+    def track(self, prompts: Any = None, *, points: Any = None, boxes: Any = None, masks: Any = None,
+              space: str = "voxel", from_baseline: bool = False, progress: Optional[Progress] = None,
+              cancel: Optional[threading.Event] = None) -> TrackingResult:
+        """Track lesions prompted on the baseline into every follow-up (see ``LesionTracker.track``)."""
+        from ..core.prompts import prompts_to_json
 
-        Prompts are on the baseline; without prompts, the masks this client holds for the baseline (its
-        current image) are tracked.  The baseline's masks (segmented first from points/boxes) are left in
-        ``baseline_result``.
-        """
-        if self.capabilities is not None and not self.capabilities.get("tracking", False):
-            raise ProtocolMismatch(f"server {self.url} cannot track: "
-                                   f"{self.capabilities.get('unavailable', {}).get('track', 'no tracking model')}")
-        hashes = []
-        for vol in [baseline, *followups]:
-            d = content_hash(vol)
-            self._select_image(vol, d)
-            hashes.append(d)
-        body: dict[str, Any] = {"baseline": hashes[0], "followups": hashes[1:], "from_baseline": from_baseline}
-        prompts = build_prompts(points, boxes, masks, space) if (points or boxes or masks) else None
-        if prompts:
-            body["prompts"] = prompts
-        else:
-            if hashes[0] != self.image_hash or not self.lesions:
-                raise RequestRejected("track without prompts uses the baseline's current masks: segment the "
-                                      "baseline with this client first, or pass prompts")
-            body["use_results"] = True
-        data = self._with_session(lambda sid: self._request("POST", f"{API}/sessions/{sid}/track", json=body,
-                                                            expect="bundles"), reupload=False)
-        parts = [_decode(p, self.url) for p in unpack_bundles(data)]
-        if len(parts) != len(followups) + 1:
-            raise ProtocolMismatch(f"server sent {len(parts)} results for 1 baseline + {len(followups)} follow-ups")
-        self.baseline_result = SegmentationResult(baseline, dict(parts[0].lesions))
-        # the tracked images were selected on the server in turn; this client's current image is the last
-        self.image, self.image_hash = followups[-1], hashes[-1]
-        self.lesions = dict(parts[-1].lesions)
-        return [SegmentationResult(vol, dict(b.lesions)) for vol, b in zip(followups, parts[1:])]
+        if not self._images:
+            raise RuntimeError("call set_images() before track()")
+        base, fus = self._images[0], self._images[1:]
+        todo = _resolve(base, prompts, points, boxes, masks, space)
+        _check_cancel(cancel)
+        if progress:
+            progress(0.0, f"tracking {len(todo)} lesion(s) into {len(fus)} follow-up(s) on {self.backend.url}")
+        arrays: List[np.ndarray] = []
+        body = {"baseline": self._hashes[0], "followups": self._hashes[1:], "prompts": prompts_to_json(todo, arrays),
+                "from_baseline": bool(from_baseline), "propagation": self.propagation, "refine": self.refine,
+                **self.backend.settings_json()}
+        reply = self._call(lambda sid: self.backend.post(f"{API}/sessions/{sid}/track", body, arrays))
+        if reply.images != self._hashes:
+            raise ProtocolMismatch(f"server {self.backend.url} answered for other images", url=self.backend.url)
+        if progress:
+            progress(1.0, "done")
+        res = [SegmentationResult(v, lesions) for v, lesions in zip(self._images, reply.results)]
+        return TrackingResult(res[0], res[1:])
 
-    # -- helpers -------------------------------------------------------------------------
-    def _with_session(self, call: Any, reupload: bool = True) -> Any:
-        """Run ``call(session_id)``; if the server lost the session, re-create it (re-uploading the image) once."""
-        try:
-            return call(self._session())
-        except SessionLost:
-            if not reupload or self.image is None or self.image_hash is None:
-                raise
-            self.session_id = None
-            self.lesions = {}
-            self._select_image(self.image, self.image_hash)
-            return call(self._session())
-
-    def _paste(self, data: bytes) -> SegmentationResult:
-        bundle = _decode(data, self.url)
-        if bundle.header.get("image") not in (None, self.image_hash):
-            raise ProtocolMismatch("the server answered for another image than the client's current one")
-        # decode fully before touching state: a bad reply leaves the pasted state as it was.
-        lesions = dict(self.lesions)
-        for lid, les in bundle.lesions.items():
-            if les.status == "removed":
-                lesions.pop(lid, None)
-            else:
-                lesions[lid] = les
-        self.lesions = lesions
-        self.last_changed = {lid: e.get("changed_bbox") for lid, e in bundle.entries.items()}
-        ms = bundle.header.get("elapsed_ms")
-        self.last_server_ms = float(ms) if isinstance(ms, (int, float)) else None
-        return SegmentationResult(self.image, dict(bundle.lesions))  # type: ignore[arg-type]
-
-    def result(self) -> SegmentationResult:
-        """Every lesion of the current image as pasted so far."""
-        self._ensure_session_image()
-        return SegmentationResult(self.image, dict(self.lesions))  # type: ignore[arg-type]
-
-    def label_map(self) -> np.ndarray:
-        return self.result().label_map()
+    def close(self) -> None:
+        """Drop the images (and delete the server session)."""
+        super().close()
+        self._images, self._hashes = [], []
 
 
-def build_prompts(points: Mapping[int, Sequence[float]] | None, boxes: Mapping[int, Sequence[float]] | None,
-                  masks: Mapping[int, Any] | None, space: str) -> dict[str, Any]:
-    """Client arguments -> the JSON ``prompts`` object of a segment request."""
-    if space not in ("voxel", "lps", "ras"):
-        raise ValueError(f"space must be 'voxel', 'lps' or 'ras', got {space!r}")
-    out: dict[str, Any] = {}
-
-    def key(lid: Any) -> str:
-        if isinstance(lid, bool) or not isinstance(lid, (int, np.integer)) or int(lid) < 1:
-            raise ValueError(f"lesion ids must be positive integers, got {lid!r}")
-        k = str(int(lid))
-        if k in out:
-            raise ValueError(f"lesion id {k} has more than one prompt")
-        return k
-
-    for lid, p in (points or {}).items():
-        vals = [float(v) for v in np.asarray(p, dtype=float).ravel()]
-        out[key(lid)] = {"point" if space == "voxel" else f"point_{space}": vals}
-    for lid, b in (boxes or {}).items():
-        arr = np.asarray(b, dtype=float)
-        if space == "voxel":
-            out[key(lid)] = {"box": [int(v) for v in arr.ravel()]}
-        else:
-            out[key(lid)] = {f"box_{space}": arr.reshape(2, 3).tolist()}
-    for lid, m in (masks or {}).items():
-        try:
-            out[key(lid)] = {"mask": encode_mask_prompt(m)}
-        except WireError as exc:
-            raise ValueError(f"lesion {lid}: {exc}") from None
-    if not out:
-        raise ValueError("give at least one prompt (points, boxes or masks)")
-    return out
-
-
-def _decode(data: bytes, url: str) -> Any:
-    try:
-        return decode_masks(data)
-    except WireError as exc:
-        raise ProtocolMismatch(f"unreadable reply from {url}: {exc}", url=url) from None
-
-
+# -- helpers ---------------------------------------------------------------------------------
 def _head_bytes(req: Any) -> int:
     """Bytes of the request line and headers as sent on the wire (HTTP/1.1)."""
     from urllib.parse import urlsplit
@@ -482,47 +494,20 @@ def _short(exc: BaseException) -> str:
     return text if len(text) < 200 else text[:200] + "..."
 
 
-def _cpu_count() -> int | None:
-    import os
-
+def _cpu_count() -> Optional[int]:
     try:
         return len(os.sched_getaffinity(0))
     except AttributeError:
         return os.cpu_count()
 
 
-# -- CLI helper --------------------------------------------------------------------------
-def add_server_arguments(parser: argparse.ArgumentParser) -> None:
-    """``--server URL`` / ``--token`` / ``--token-file`` for ``lesionlocator segment`` and ``track``."""
-    parser.add_argument("--server", metavar="URL", help="run on a LesionLocator server (lesionlocator serve)")
-    parser.add_argument("--server-token", metavar="TOKEN", help="bearer token for --server")
-    parser.add_argument("--server-token-file", metavar="FILE", help="file whose first line is the token for --server")
-    parser.add_argument("--server-timeout", type=float, default=600.0, help="seconds to wait for a reply")
-
-
-def client_from_args(args: argparse.Namespace) -> LesionLocatorClient:
-    """A connected client from the options of :func:`add_server_arguments` (raises ServerError if unusable)."""
-    token = getattr(args, "server_token", None)
-    tf = getattr(args, "server_token_file", None)
-    if tf and not token:
-        try:
-            lines = [ln.strip() for ln in open(tf, encoding="utf-8") if ln.strip() and not ln.startswith("#")]
-        except OSError as exc:
-            raise ServerError(f"cannot read token file {tf}: {exc}") from None
-        if not lines:
-            raise ServerError(f"token file {tf} is empty")
-        token = lines[0]
-    return LesionLocatorClient(args.server, token=token,
-                               timeout=(5.0, float(getattr(args, "server_timeout", 600.0))))
-
-
-def wait_for_server(url: str, timeout_s: float = 60.0, token: str | None = None) -> dict[str, Any]:
+def wait_for_server(url: str, timeout_s: float = 60.0, token: Optional[str] = None) -> Dict[str, Any]:
     """Poll /v1/health until the server is ready (bounded by ``timeout_s``)."""
     import requests
 
     deadline = time.monotonic() + timeout_s
     headers = {"Authorization": f"Bearer {token}"} if token else {}
-    last: str = ""
+    last = ""
     with requests.Session() as s:
         s.trust_env = False
         while time.monotonic() < deadline:
@@ -531,7 +516,7 @@ def wait_for_server(url: str, timeout_s: float = 60.0, token: str | None = None)
                 if r.status_code == 200 and r.json().get("status") == "ok":
                     return r.json()
                 last = f"HTTP {r.status_code}"
-            except requests.exceptions.RequestException as exc:
+            except (requests.exceptions.RequestException, ValueError) as exc:
                 last = _short(exc)
             time.sleep(0.1)
     raise ServerUnreachable(f"server at {url} not ready after {timeout_s} s ({last})", url=url)

@@ -1,14 +1,17 @@
-"""Server-side sessions: one client's images, results and undo history, isolated from every other client.
+"""Server-side sessions: one client's uploaded images, isolated from every other client.
 
 A session id is an unguessable token (256 random bits) *and* is bound to the creating client's
-credentials (the "owner" key the server derives from the bearer token and the client's key);
-a request with the right id but other credentials is answered exactly like an unknown id, so
-one client can neither read nor change nor even detect another's session.
+credentials (the owner key ``auth.Authenticate`` derives from the bearer token and the client key);
+a request with the right id but other credentials is answered exactly like an unknown id, so one
+client can neither read nor change nor even detect another's session.
 
-Memory is bounded: idle sessions expire after ``idle_timeout_s``; the images held by all
-sessions together stay under ``max_bytes`` (least recently used sessions are evicted first);
-at most ``max_sessions`` sessions live at once (the least recently used one makes room).
-All methods are thread-safe (the event loop and the model worker thread both use the store).
+The masks live with the client (the Slicer module keeps its own undo): a session holds images only.
+The model-side state of an image (crop box, grids: a ``SegmentSession``) lives in the service, keyed by
+(session id, image hash), and is dropped when the image leaves its session.
+
+Memory is bounded: idle sessions expire after ``idle_timeout_s``; the images held by all sessions together
+stay under ``max_bytes`` (least recently used sessions are evicted first); at most ``max_sessions`` sessions
+live at once. All methods are thread-safe (the event loop and the model worker thread both use the store).
 """
 from __future__ import annotations
 
@@ -18,10 +21,9 @@ import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Optional, Set, Tuple
 
 from ..core.geometry import Volume
-from ..core.results import LesionMask
 
 
 class SessionError(LookupError):
@@ -41,23 +43,13 @@ class CacheFull(SessionError):
 
 
 @dataclass
-class HistoryEntry:
-    """What one result changed: per lesion id, the mask it replaced (None = the lesion was new)."""
-
-    image: str
-    previous: dict[int, LesionMask | None]
-
-
-@dataclass
 class Session:
     id: str
     owner: str
     created: float
     last_used: float
     images: "OrderedDict[str, Volume]" = field(default_factory=OrderedDict)
-    current: str | None = None
-    results: dict[str, dict[int, LesionMask]] = field(default_factory=dict)
-    history: list[HistoryEntry] = field(default_factory=list)
+    current: Optional[str] = None
     uploads: int = 0
     reuses: int = 0
     requests: int = 0
@@ -65,51 +57,28 @@ class Session:
     def image_bytes(self) -> int:
         return sum(int(v.array.nbytes) for v in self.images.values())
 
-    def lesions(self, image: str | None = None) -> dict[int, LesionMask]:
-        key = image or self.current
-        if key is None:
-            return {}
-        return self.results.setdefault(key, {})
-
     def info(self) -> dict:
         cur = self.images.get(self.current) if self.current else None
-        return {
-            "session_id": self.id,
-            "image": self.current,
-            "shape": None if cur is None else list(cur.shape),
-            "images": list(self.images),
-            "uploads": self.uploads,
-            "reuses": self.reuses,
-            "requests": self.requests,
-            "lesions": sorted(self.lesions()) if self.current else [],
-            "history": len(self.history),
-        }
+        return {"session_id": self.id, "image": self.current, "shape": None if cur is None else list(cur.shape),
+                "images": list(self.images), "uploads": self.uploads, "reuses": self.reuses,
+                "requests": self.requests}
 
 
 class SessionStore:
-    def __init__(
-        self,
-        max_sessions: int = 16,
-        idle_timeout_s: float = 3600.0,
-        max_bytes: int = 8 * 2**30,
-        max_images_per_session: int = 8,
-        max_history: int = 64,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
+    def __init__(self, max_sessions: int = 16, idle_timeout_s: float = 3600.0, max_bytes: int = 8 * 2**30,
+                 max_images_per_session: int = 17, clock: Callable[[], float] = time.monotonic) -> None:
         if max_sessions < 1 or idle_timeout_s <= 0 or max_bytes <= 0:
             raise ValueError("max_sessions, idle_timeout_s and max_bytes must be positive")
         self.max_sessions = int(max_sessions)
         self.idle_timeout_s = float(idle_timeout_s)
         self.max_bytes = int(max_bytes)
-        self.max_images_per_session = int(max_images_per_session)
-        self.max_history = int(max_history)
+        self.max_images_per_session = int(max_images_per_session)  # a baseline and 16 follow-ups
         self._clock = clock
         self._lock = threading.RLock()
         self._sessions: "OrderedDict[str, Session]" = OrderedDict()  # least recently used first
         self.evicted = 0
         self.expired = 0
 
-    # -- bookkeeping ------------------------------------------------------------------
     def __len__(self) -> int:
         with self._lock:
             return len(self._sessions)
@@ -132,7 +101,6 @@ class SessionStore:
         s.last_used = self._clock()
         self._sessions.move_to_end(s.id)
 
-    # -- public API --------------------------------------------------------------------
     def create(self, owner: str) -> Session:
         with self._lock:
             self.expire()
@@ -140,9 +108,8 @@ class SessionStore:
                 self._sessions.popitem(last=False)
                 self.evicted += 1
             now = self._clock()
-            sid = secrets.token_urlsafe(32)
-            s = Session(id=sid, owner=owner, created=now, last_used=now)
-            self._sessions[sid] = s
+            s = Session(id=secrets.token_urlsafe(32), owner=owner, created=now, last_used=now)
+            self._sessions[s.id] = s
             return s
 
     def get(self, session_id: str, owner: str) -> Session:
@@ -151,10 +118,8 @@ class SessionStore:
             s = self._sessions.get(session_id)
             # compare_digest: the owner key is derived from a secret, so do not leak it by timing.
             if s is None or not hmac.compare_digest(s.owner.encode(), owner.encode()):
-                raise SessionNotFound(
-                    "unknown session (it expired, was evicted or deleted, or belongs to another client); "
-                    "create a new one"
-                )
+                raise SessionNotFound("unknown session (it expired, was evicted or deleted, or belongs to another "
+                                      "client); create a new one")
             self._touch(s)
             return s
 
@@ -163,12 +128,12 @@ class SessionStore:
             s = self.get(session_id, owner)
             del self._sessions[s.id]
 
-    def live_images(self) -> set[str]:
-        """Hashes of every image some session still holds."""
+    def live_keys(self) -> Set[Tuple[str, str]]:
+        """(session id, image hash) of every image some session still holds."""
         with self._lock:
-            return {h for s in self._sessions.values() for h in s.images}
+            return {(s.id, h) for s in self._sessions.values() for h in s.images}
 
-    def find_image(self, owner: str, image_hash: str) -> Volume | None:
+    def find_image(self, owner: str, image_hash: str) -> Optional[Volume]:
         """An image this owner already uploaded in any live session (never another owner's)."""
         with self._lock:
             for s in reversed(self._sessions.values()):
@@ -180,10 +145,8 @@ class SessionStore:
         """Put an image into a session (making it current) and evict others to stay within the budget."""
         nbytes = int(volume.array.nbytes)
         if nbytes > self.max_bytes:
-            raise CacheFull(
-                f"image of {nbytes / 2**20:.1f} MiB exceeds the server's cache budget of "
-                f"{self.max_bytes / 2**20:.1f} MiB"
-            )
+            raise CacheFull(f"image of {nbytes / 2**20:.1f} MiB exceeds the server's cache budget of "
+                            f"{self.max_bytes / 2**20:.1f} MiB")
         with self._lock:
             if session.id not in self._sessions:
                 raise SessionNotFound("the session was evicted or deleted during the upload; create a new one")
@@ -194,8 +157,7 @@ class SessionStore:
             session.current = image_hash
             self._touch(session)
             while len(session.images) > self.max_images_per_session:
-                old, _ = session.images.popitem(last=False)
-                self._forget_image(session, old)
+                session.images.popitem(last=False)
             # oldest other sessions go first; then this session's own older images.
             while self.total_bytes() > self.max_bytes:
                 victim = next((sid for sid in self._sessions if sid != session.id), None)
@@ -205,15 +167,8 @@ class SessionStore:
                     continue
                 old = next(h for h in session.images if h != image_hash)
                 session.images.pop(old)
-                self._forget_image(session, old)
 
-    def _forget_image(self, session: Session, image_hash: str) -> None:
-        session.results.pop(image_hash, None)
-        session.history = [h for h in session.history if h.image != image_hash]
-        if session.current == image_hash:
-            session.current = None
-
-    def image(self, session: Session, image_hash: str | None = None) -> tuple[str, Volume]:
+    def image(self, session: Session, image_hash: Optional[str] = None) -> Tuple[str, Volume]:
         key = image_hash or session.current
         if key is None:
             raise ImageNotFound("no image in this session yet: upload one first (PUT .../image)")
@@ -221,34 +176,3 @@ class SessionStore:
         if vol is None:
             raise ImageNotFound(f"image {key[:12]}... is not held by this session: upload it first")
         return key, vol
-
-    # -- results and undo ------------------------------------------------------------
-    def record(self, session: Session, image_hash: str, new: dict[int, LesionMask],
-               undoable: bool = True) -> dict[int, LesionMask | None]:
-        """Store new lesion masks as the current ones (and an undo entry); returns the replaced masks."""
-        with self._lock:
-            current = session.lesions(image_hash)
-            previous = {lid: current.get(lid) for lid in new}
-            current.update(new)
-            if undoable:
-                session.history.append(HistoryEntry(image_hash, previous))
-                del session.history[:-self.max_history]
-            else:  # older undo steps of these lesions would now restore stale masks over the new ones
-                session.history = [h for h in session.history
-                                   if h.image != image_hash or not set(h.previous) & set(new)]
-            return previous
-
-    def undo(self, session: Session) -> tuple[str, dict[int, LesionMask | None], dict[int, LesionMask]]:
-        """Revert the last result: returns (image, restored-or-None per lesion id, the undone masks)."""
-        with self._lock:
-            if not session.history:
-                raise IndexError("nothing to undo in this session")
-            entry = session.history.pop()
-            current = session.lesions(entry.image)
-            undone = {lid: current[lid] for lid in entry.previous if lid in current}
-            for lid, prev in entry.previous.items():
-                if prev is None:
-                    current.pop(lid, None)
-                else:
-                    current[lid] = prev
-            return entry.image, entry.previous, undone

@@ -1,26 +1,28 @@
-"""Wire format of the LesionLocator server: images up, changed mask regions down.
+"""The one wire container of the LesionLocator server: volumes up, mask prompts up, masks down.
 
-Two binary containers, both "magic + small JSON header + zstd data", so that a 150 MB CT
-never travels as a NIfTI temp file and a click's answer is a few hundred bytes:
+Every binary body (an uploaded scan, a request carrying mask prompts, a reply of lesion masks, a
+tracking reply) is the same container::
 
-Volume stream (upload, client -> server)::
+    b"LLW2" | u32 header_len | header JSON | (u32 frame_len | zstd frame)* | u32 0
 
-    b"LLV1" | u32 header_len | header JSON | (u32 frame_len | zstd frame)* | u32 0
+``header["arrays"]`` lists the arrays the body carries, in order: ``{"dtype": "<i2", "shape": [...]}``
+(little-endian numpy dtype) or ``{"dtype": "bits", "shape": [...]}`` (a boolean array, ``np.packbits``
+bit order "big", padded to whole bytes).  Their raw bytes, concatenated, form one stream of
+``header["raw_nbytes"]`` bytes cut into chunks of ``header["chunk_bytes"]``, each compressed as its own zstd
+frame that declares its content size.  Independent frames let the client compress chunk k+1 while the
+server already decompresses chunk k (the streaming decoder), and every size is checked against the header
+and the caller's limits *before* memory is allocated, so a small body can never make the decoder allocate
+more than it declared (no decompression bombs).
 
-The raw C-order little-endian array is cut into chunks of ``header["chunk_bytes"]`` bytes,
-each compressed as its own zstd frame (with a content checksum).  Independent frames let
-the client compress chunk k+1 while the server already decompresses chunk k, and let the
-server stop reading as soon as the size cap is exceeded.  ``header["hash"]`` is the
-content hash (see :func:`content_hash`); the server recomputes it while decoding, so a
-corrupt or truncated payload is rejected, and a later upload of the same scan is skipped.
-
-Mask bundle (reply, server -> client)::
-
-    b"LLM1" | u32 header_len | header JSON | one zstd frame (np.packbits of every crop, concatenated)
-
-``header["lesions"]`` lists, per lesion, its bounding box on the image grid and metadata;
-each crop is packed separately (bit order "big", padded to whole bytes) so that the client
-can paste each lesion's block without touching the rest of its label map.
+``header["kind"]`` says what the arrays mean:
+- "volume": one array, the scan; ``header["volume"]`` holds shape, dtype and geometry and ``header["hash"]``
+  the content hash (:func:`content_hash`), recomputed block by block while decoding (a corrupt payload is
+  refused; a later upload of the same scan is skipped).
+- "masks": lesion masks as bounding box + bit-packed crop (+ float32 probabilities on request);
+  ``header["results"]`` is a list of ``{"image": hash, "shape": [...], "lesions": [...]}`` (one entry per
+  image: one for a segment reply, baseline + follow-ups for a tracking reply).
+- "request": ``header["request"]`` is the JSON request; mask prompts reference their crops by array index
+  (``core.prompts.prompts_to_json`` writes them, ``core.prompts.parse_prompts`` reads them).
 
 All integers are little-endian.  Nothing here imports torch or a web framework.
 """
@@ -31,34 +33,34 @@ import json
 import os
 import struct
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Iterator, Mapping
+from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import zstandard as zstd
 
 from ..core.geometry import GeometryError, Volume
-from ..core.results import LesionMask
+from ..core.results import LesionMask, LesionStatus
 
-PROTOCOL_VERSION = 1
-VOLUME_MAGIC = b"LLV1"
-MASKS_MAGIC = b"LLM1"
-VOLUME_MEDIA_TYPE = "application/x-lesionlocator-volume"
-MASKS_MEDIA_TYPE = "application/x-lesionlocator-masks"
-BUNDLES_MEDIA_TYPE = "application/x-lesionlocator-bundles"
+PROTOCOL_VERSION = 2
+MAGIC = b"LLW2"
+MEDIA_TYPE = "application/x-lesionlocator"
 
-MAX_HEADER_BYTES = 64 * 1024
+MAX_HEADER_BYTES = 1 << 20  # a request header holds its prompts (JSON); 1 MiB is thousands of lesions
+MAX_ARRAYS = 4096
 HASH_CHUNK_BYTES = 8 * 1024 * 1024  # part of the content-hash definition: never change within a protocol version
 DEFAULT_CHUNK_BYTES = 8 * 1024 * 1024
 MIN_CHUNK_BYTES = 64 * 1024
 MAX_CHUNK_BYTES = 64 * 1024 * 1024
 # A CT is rarely above 1024 x 1024 x 2000 voxels; anything beyond this is refused before allocating.
 DEFAULT_MAX_VOXELS = 1024 * 1024 * 2048
+DEFAULT_MAX_RAW_BYTES = 1 << 31
 
 # dtypes a scan may arrive in; CT is usually int16, Slicer hands out float32/float64 or (u)int8/16/32 too.
 ALLOWED_DTYPES = {
     np.dtype(t).str: np.dtype(t)
     for t in ("<i1", "<u1", "<i2", "<u2", "<i4", "<u4", "<f4", "<f8")
 }
+BITS = "bits"
 _U32 = struct.Struct("<I")
 
 
@@ -76,21 +78,12 @@ def _canonical_json(obj: Any) -> bytes:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), allow_nan=False).encode("utf-8")
 
 
-def _pack_header(magic: bytes, header: Mapping[str, Any]) -> bytes:
-    body = _canonical_json(header)
-    if len(body) > MAX_HEADER_BYTES:
-        raise WireError(f"header of {len(body)} bytes exceeds {MAX_HEADER_BYTES}")
-    return magic + _U32.pack(len(body)) + body
-
-
-def _parse_header_json(raw: bytes) -> dict:
+def parse_json(raw: bytes, what: str = "header") -> Any:
+    """JSON from untrusted bytes: one WireError for every way it can be wrong (incl. absurd nesting)."""
     try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise WireError(f"header is not valid UTF-8 JSON: {exc}") from None
-    if not isinstance(header, dict):
-        raise WireError("header must be a JSON object")
-    return header
+        return json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise WireError(f"{what} is not valid UTF-8 JSON: {type(exc).__name__}: {str(exc)[:200]}") from None
 
 
 def _as_le_array(array: np.ndarray) -> np.ndarray:
@@ -99,14 +92,46 @@ def _as_le_array(array: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(array, dtype=dt)
 
 
+def _is_int(v: Any) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+
+
+def _array_nbytes(spec: Any) -> int:
+    """Raw byte count of one array entry of the header (validated)."""
+    if not isinstance(spec, Mapping) or set(spec) != {"dtype", "shape"}:
+        raise WireError(f"array entry must be {{'dtype', 'shape'}}, got {spec!r}"[:300])
+    shape = spec["shape"]
+    if (not isinstance(shape, list) or not 1 <= len(shape) <= 4
+            or not all(_is_int(s) and 0 <= s <= 2**31 for s in shape)):
+        raise WireError(f"array shape must be 1 to 4 non-negative integers, got {shape!r}"[:300])
+    n = int(np.prod(shape, dtype=np.int64)) if shape else 0
+    if spec["dtype"] == BITS:
+        return (n + 7) // 8
+    dt = ALLOWED_DTYPES.get(spec["dtype"]) if isinstance(spec["dtype"], str) else None
+    if dt is None:
+        raise WireError(f"unsupported array type {spec['dtype']!r}; allowed: {sorted(ALLOWED_DTYPES)} and 'bits'")
+    return n * dt.itemsize
+
+
+def _array_spec_and_bytes(array: np.ndarray) -> Tuple[dict, memoryview]:
+    arr = np.asarray(array)
+    if arr.dtype == np.bool_:
+        packed = np.packbits(np.ascontiguousarray(arr).ravel(), bitorder="big")
+        return {"dtype": BITS, "shape": [int(s) for s in arr.shape]}, memoryview(packed).cast("B")
+    le = _as_le_array(arr)
+    if le.dtype.str not in ALLOWED_DTYPES:
+        raise WireError(f"unsupported array type {arr.dtype}; send one of {sorted(ALLOWED_DTYPES)} or bool")
+    return {"dtype": le.dtype.str, "shape": [int(s) for s in le.shape]}, memoryview(le).cast("B")
+
+
+# --------------------------------------------------------------------------------------
+# content hash of a scan
 def geometry_header(volume: Volume) -> dict:
     """Shape, dtype and geometry of ``volume`` as JSON-ready values (the part of the header that is hashed)."""
     arr = volume.array
     dt = np.dtype(arr.dtype).newbyteorder("<") if arr.dtype.byteorder == ">" else np.dtype(arr.dtype)
     if dt.str not in ALLOWED_DTYPES:
-        raise WireError(
-            f"unsupported voxel type {arr.dtype}; send one of {sorted(ALLOWED_DTYPES)} (int16 for CT)"
-        )
+        raise WireError(f"unsupported voxel type {arr.dtype}; send one of {sorted(ALLOWED_DTYPES)} (int16 for CT)")
     return {
         "shape": [int(s) for s in arr.shape],
         "dtype": dt.str,
@@ -116,7 +141,7 @@ def geometry_header(volume: Volume) -> dict:
     }
 
 
-def _chunk_digests(raw: memoryview, threads: int) -> list[bytes]:
+def _chunk_digests(raw: memoryview, threads: int) -> List[bytes]:
     starts = range(0, len(raw), HASH_CHUNK_BYTES)
     if threads <= 1 or len(starts) < 4:
         return [hashlib.sha256(raw[s:s + HASH_CHUNK_BYTES]).digest() for s in starts]
@@ -127,7 +152,7 @@ def _chunk_digests(raw: memoryview, threads: int) -> list[bytes]:
         return list(pool.map(lambda s: hashlib.sha256(raw[s:s + HASH_CHUNK_BYTES]).digest(), starts))
 
 
-def content_hash(volume: Volume, threads: int | None = None) -> str:
+def content_hash(volume: Volume, threads: Optional[int] = None) -> str:
     """Identity of a scan: equal hash <=> same voxels on the same grid.
 
     SHA-256 over the geometry header and the SHA-256 digests of the raw little-endian voxels in
@@ -144,40 +169,39 @@ def content_hash(volume: Volume, threads: int | None = None) -> str:
 
 
 # --------------------------------------------------------------------------------------
-# volume stream
-def iter_encode_volume(
-    volume: Volume,
-    level: int = 1,
-    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
-    volume_hash: str | None = None,
-    threads: int = 1,
-) -> Iterator[bytes]:
-    """Yield the volume stream piece by piece (header first), for a streaming HTTP upload.
+# encoding
+def iter_encode(kind: str, arrays: Sequence[np.ndarray] = (), extra: Optional[Mapping[str, Any]] = None,
+                level: int = 3, chunk_bytes: int = DEFAULT_CHUNK_BYTES, threads: int = 1) -> Iterator[bytes]:
+    """Yield a container piece by piece (header first), for a streaming HTTP body.
 
     ``threads`` > 1 compresses that many chunks at once (zstd releases the GIL); output order is kept.
+    Bool arrays travel bit-packed; others as little-endian bytes.
     """
     if not MIN_CHUNK_BYTES <= chunk_bytes <= MAX_CHUNK_BYTES:
         raise WireError(f"chunk_bytes must be in [{MIN_CHUNK_BYTES}, {MAX_CHUNK_BYTES}], got {chunk_bytes}")
-    header = geometry_header(volume)
-    raw = memoryview(_as_le_array(volume.array)).cast("B")
-    header.update(
-        kind="volume",
-        protocol=PROTOCOL_VERSION,
-        raw_nbytes=len(raw),
-        chunk_bytes=int(chunk_bytes),
-        hash=volume_hash or content_hash(volume),
-    )
-    yield _pack_header(VOLUME_MAGIC, header)
+    specs, views = [], []
+    for a in arrays:
+        spec, view = _array_spec_and_bytes(a)
+        specs.append(spec)
+        views.append(view)
+    # one segment (a scan) is sliced without copying; several small crops are joined once.
+    raw = views[0] if len(views) == 1 else memoryview(b"".join(views))
+    header = dict(extra or {})
+    header.update(kind=kind, protocol=PROTOCOL_VERSION, arrays=specs, raw_nbytes=len(raw),
+                  chunk_bytes=int(chunk_bytes))
+    body = _canonical_json(header)
+    if len(body) > MAX_HEADER_BYTES:
+        raise WireError(f"header of {len(body)} bytes exceeds {MAX_HEADER_BYTES}")
+    yield MAGIC + _U32.pack(len(body)) + body
     starts = range(0, len(raw), chunk_bytes)
 
     def compress(start: int) -> bytes:
         # one compressor per call: ZstdCompressor objects are not safe to share between threads.
         frame = zstd.ZstdCompressor(level=level, write_checksum=True, write_content_size=True).compress(
-            raw[start:start + chunk_bytes]
-        )
+            raw[start:start + chunk_bytes])
         return _U32.pack(len(frame)) + frame
 
-    if threads <= 1:
+    if threads <= 1 or len(starts) < 2:
         for s in starts:
             yield compress(s)
     else:
@@ -185,9 +209,8 @@ def iter_encode_volume(
 
         with ThreadPoolExecutor(max_workers=threads) as pool:
             pending: list = []
-            it = iter(starts)
             # bounded look-ahead: at most 2*threads compressed chunks wait in memory.
-            for s in it:
+            for s in starts:
                 pending.append(pool.submit(compress, s))
                 if len(pending) >= 2 * threads:
                     yield pending.pop(0).result()
@@ -196,50 +219,78 @@ def iter_encode_volume(
     yield _U32.pack(0)
 
 
+def encode(kind: str, arrays: Sequence[np.ndarray] = (), extra: Optional[Mapping[str, Any]] = None,
+           level: int = 3, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> bytes:
+    """The whole container as one bytes object."""
+    return b"".join(iter_encode(kind, arrays, extra, level=level, chunk_bytes=chunk_bytes))
+
+
+def iter_encode_volume(volume: Volume, level: int = 1, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+                       volume_hash: Optional[str] = None, threads: int = 1) -> Iterator[bytes]:
+    """A scan as a streaming "volume" container (``volume_hash``: its :func:`content_hash`, if known)."""
+    geo = geometry_header(volume)
+    return iter_encode("volume", [_as_le_array(volume.array)],
+                       {"volume": geo, "hash": volume_hash or content_hash(volume)},
+                       level=level, chunk_bytes=chunk_bytes, threads=threads)
+
+
 def encode_volume(volume: Volume, level: int = 1, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> bytes:
-    """The whole volume stream as one bytes object."""
     return b"".join(iter_encode_volume(volume, level=level, chunk_bytes=chunk_bytes))
 
 
+# --------------------------------------------------------------------------------------
+# the streaming decoder
 @dataclass
-class VolumeDecoder:
-    """Incremental decoder of a volume stream: ``feed`` bytes as they arrive, then ``finish``.
+class Container:
+    header: dict
+    arrays: List[np.ndarray]
 
-    Every size is checked before memory is allocated: the header must declare a shape whose
-    byte count matches ``raw_nbytes``, at most ``max_voxels`` voxels, and each frame must
-    decompress to exactly the chunk it claims.  The content hash is recomputed on the fly.
+
+@dataclass
+class StreamDecoder:
+    """Incremental decoder: ``feed`` bytes as they arrive, then ``finish``.
+
+    Every size is checked before memory is allocated: the arrays the header declares must add up to
+    ``raw_nbytes`` and stay under ``max_raw_bytes`` (and a volume under ``max_voxels``); each frame must
+    declare exactly the chunk it holds, checked before it is decompressed.  A volume's content hash is
+    recomputed block by block as its chunks arrive.
     """
 
+    max_raw_bytes: int = DEFAULT_MAX_RAW_BYTES
+    max_stream_bytes: Optional[int] = None
     max_voxels: int = DEFAULT_MAX_VOXELS
-    max_stream_bytes: int | None = None
-    max_raw_bytes: int | None = None
-    header: dict | None = None
+    kinds: Optional[Tuple[str, ...]] = None  # accepted header kinds (None: any)
+    header: Optional[dict] = None
     _buf: bytearray = field(default_factory=bytearray)
-    _out: np.ndarray | None = None
+    _out: Optional[np.ndarray] = None
     _pos: int = 0
     _received: int = 0
     _done: bool = False
     _hasher: Any = None
     _dctx: Any = None
     _hashed: int = 0
+    _chunk: int = 0
 
-    def feed(self, data: bytes | memoryview) -> None:
+    @property
+    def received_bytes(self) -> int:
+        return self._received
+
+    def feed(self, data: bytes) -> None:
         if self._done:
             if len(data):
-                raise WireError("data after the end of the volume stream")
+                raise WireError("data after the end of the stream")
             return
         self._received += len(data)
         if self.max_stream_bytes is not None and self._received > self.max_stream_bytes:
-            raise PayloadTooLarge(
-                f"upload exceeds the limit of {self.max_stream_bytes / 2**20:.1f} MiB (compressed)"
-            )
+            raise PayloadTooLarge(f"body exceeds the limit of {self.max_stream_bytes / 2**20:.1f} MiB (compressed)")
         self._buf += data
         self._drain()
 
     def _drain(self) -> None:
         if self.header is None:
-            if len(self._buf) >= 4 and bytes(self._buf[:4]) != VOLUME_MAGIC:
-                raise WireError("not a LesionLocator volume stream (bad magic bytes)")
+            if len(self._buf) >= 4 and bytes(self._buf[:4]) != MAGIC:
+                raise WireError(f"not a LesionLocator container (bad magic bytes; protocol {PROTOCOL_VERSION} "
+                                f"starts with {MAGIC!r})")
             if len(self._buf) < 8:
                 return
             (hlen,) = _U32.unpack_from(self._buf, 4)
@@ -247,15 +298,16 @@ class VolumeDecoder:
                 raise WireError(f"header length {hlen} exceeds {MAX_HEADER_BYTES}")
             if len(self._buf) < 8 + hlen:
                 return
-            self._start(_parse_header_json(bytes(self._buf[8:8 + hlen])))
+            header = parse_json(bytes(self._buf[8:8 + hlen]))
             del self._buf[:8 + hlen]
+            self._start(header)
         while not self._done and len(self._buf) >= 4:
             (flen,) = _U32.unpack_from(self._buf, 0)
             if flen == 0:
                 del self._buf[:4]
                 self._done = True
                 if self._buf:
-                    raise WireError("data after the end of the volume stream")
+                    raise WireError("data after the end of the stream")
                 return
             # a frame can be a little larger than its chunk when data is incompressible.
             if flen > self._chunk + self._chunk // 8 + 4096:
@@ -265,55 +317,69 @@ class VolumeDecoder:
             self._frame(bytes(self._buf[4:4 + flen]))
             del self._buf[:4 + flen]
 
-    def _start(self, h: dict) -> None:
-        if h.get("kind") != "volume":
-            raise WireError(f"expected a volume header, got kind={h.get('kind')!r}")
-        shape = h.get("shape")
+    def _start(self, h: Any) -> None:
+        if not isinstance(h, dict):
+            raise WireError("header must be a JSON object")
+        kind = h.get("kind")
+        if self.kinds is not None and kind not in self.kinds:
+            raise WireError(f"expected a {' or '.join(self.kinds)} container, got kind={kind!r}"[:300])
+        if h.get("protocol") != PROTOCOL_VERSION:
+            raise WireError(f"container of protocol {h.get('protocol')!r}, expected {PROTOCOL_VERSION}"[:300])
+        arrays = h.get("arrays")
+        if not isinstance(arrays, list) or len(arrays) > MAX_ARRAYS:
+            raise WireError(f"header needs a list of at most {MAX_ARRAYS} arrays")
+        total = sum(_array_nbytes(a) for a in arrays)
+        if h.get("raw_nbytes") != total:
+            raise WireError(f"raw_nbytes {h.get('raw_nbytes')!r} does not match the declared arrays ({total} bytes)"
+                            [:300])
+        if total > self.max_raw_bytes:
+            raise PayloadTooLarge(f"body declares {total / 2**20:.1f} MiB of data; the limit is "
+                                  f"{self.max_raw_bytes / 2**20:.1f} MiB")
+        chunk = h.get("chunk_bytes")
+        if not _is_int(chunk) or not MIN_CHUNK_BYTES <= chunk <= MAX_CHUNK_BYTES:
+            raise WireError(f"chunk_bytes must be in [{MIN_CHUNK_BYTES}, {MAX_CHUNK_BYTES}], got {chunk!r}"[:300])
+        if kind == "volume":
+            self._check_volume(h)
+            self._hasher = hashlib.sha256(_canonical_json(h["volume"]))
+        self.header = h
+        self._chunk = int(chunk)
+        self._out = np.empty(total, dtype=np.uint8)  # the only allocation, of the checked size
+        self._dctx = zstd.ZstdDecompressor()
+
+    def _check_volume(self, h: dict) -> None:
+        geo = h.get("volume")
+        if not isinstance(geo, dict) or set(geo) != {"shape", "dtype", "spacing", "origin", "direction"}:
+            raise WireError("a volume header needs volume = {shape, dtype, spacing, origin, direction}")
+        shape, arrays = geo["shape"], h["arrays"]
         if (not isinstance(shape, list) or len(shape) != 3
-                or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in shape)):
-            raise WireError(f"shape must be three positive integers (z, y, x), got {shape!r}")
-        dtype = ALLOWED_DTYPES.get(h.get("dtype")) if isinstance(h.get("dtype"), str) else None
-        if dtype is None:
-            raise WireError(f"unsupported voxel type {h.get('dtype')!r}; allowed: {sorted(ALLOWED_DTYPES)}")
+                or not all(_is_int(s) and s > 0 for s in shape)):
+            raise WireError(f"shape must be three positive integers (z, y, x), got {shape!r}"[:300])
+        if geo["dtype"] not in ALLOWED_DTYPES:
+            raise WireError(f"unsupported voxel type {geo['dtype']!r}; allowed: {sorted(ALLOWED_DTYPES)}"[:300])
+        if len(arrays) != 1 or arrays[0] != {"dtype": geo["dtype"], "shape": shape}:
+            raise WireError("a volume container holds exactly one array of the volume's shape and dtype")
         n_vox = int(np.prod(shape, dtype=np.int64))
         if n_vox > self.max_voxels:
             raise PayloadTooLarge(f"volume of {shape} = {n_vox} voxels exceeds the limit of {self.max_voxels}")
-        if self.max_raw_bytes is not None and n_vox * dtype.itemsize > self.max_raw_bytes:
-            raise PayloadTooLarge(
-                f"volume of {shape} x {dtype} = {n_vox * dtype.itemsize / 2**20:.1f} MiB exceeds the limit of "
-                f"{self.max_raw_bytes / 2**20:.1f} MiB uncompressed"
-            )
-        if h.get("raw_nbytes") != n_vox * dtype.itemsize:
-            raise WireError(f"raw_nbytes {h.get('raw_nbytes')!r} does not match shape {shape} x {dtype}")
-        chunk = h.get("chunk_bytes")
-        if not isinstance(chunk, int) or not MIN_CHUNK_BYTES <= chunk <= MAX_CHUNK_BYTES:
-            raise WireError(f"chunk_bytes must be in [{MIN_CHUNK_BYTES}, {MAX_CHUNK_BYTES}], got {chunk!r}")
         if not isinstance(h.get("hash"), str) or len(h["hash"]) != 64:
-            raise WireError("header needs the 64-hex-digit content hash")
-        geo = {k: h.get(k) for k in ("shape", "dtype", "spacing", "origin", "direction")}
+            raise WireError("a volume header needs the 64-hex-digit content hash")
         try:
             # validates spacing / origin / direction (GeometryError) before the voxels arrive.
             Volume(np.zeros((1, 1, 1), np.uint8), tuple(geo["spacing"]), tuple(geo["origin"]),
                    np.asarray(geo["direction"], dtype=np.float64).reshape(3, 3))
         except (GeometryError, TypeError, ValueError) as exc:
-            raise WireError(f"invalid geometry in the header: {exc}") from None
-        self.header = h
-        self._chunk = chunk
-        self._dtype = dtype
-        self._out = np.empty(n_vox * dtype.itemsize, dtype=np.uint8)
-        self._hasher = hashlib.sha256(_canonical_json(geo))
-        self._dctx = zstd.ZstdDecompressor()
+            raise WireError(f"invalid geometry in the header: {exc}"[:300]) from None
 
     def _frame(self, frame: bytes) -> None:
         assert self._out is not None
-        remaining = self._out.size - self._pos
-        expect = min(self._chunk, remaining)
+        expect = min(self._chunk, self._out.size - self._pos)
         if expect <= 0:
-            raise WireError("more frames than the declared volume size")
+            raise WireError("more frames than the declared data")
         try:
             params = zstd.get_frame_parameters(frame)
         except zstd.ZstdError as exc:
             raise WireError(f"corrupt compressed frame at byte {self._pos}: {exc}") from None
+        # the bomb guard: a frame must declare its size, and exactly the expected one, before it is inflated
         if params.content_size != expect:
             raise WireError(f"frame at byte {self._pos} declares {params.content_size} bytes, expected {expect}")
         try:
@@ -328,51 +394,66 @@ class VolumeDecoder:
 
     def _hash_blocks(self, final: bool) -> None:
         """Digest every complete HASH_CHUNK_BYTES block decoded so far (and the tail when ``final``)."""
+        if self._hasher is None:
+            return
         assert self._out is not None
         while self._pos - self._hashed >= HASH_CHUNK_BYTES or (final and self._hashed < self._pos):
             end = min(self._hashed + HASH_CHUNK_BYTES, self._pos)
             self._hasher.update(hashlib.sha256(memoryview(self._out[self._hashed:end])).digest())
             self._hashed = end
 
-    @property
-    def received_bytes(self) -> int:
-        return self._received
+    def finish(self) -> Container:
+        """The decoded arrays (a volume's content hash verified); raises WireError if incomplete or corrupt."""
+        if self.header is None or self._out is None:
+            raise WireError("truncated body: the header is incomplete")
+        if not self._done or self._pos != self._out.size:
+            raise WireError(f"truncated body: {self._pos} of {self._out.size} bytes decoded"
+                            + ("" if self._done else " and no end marker"))
+        if self._hasher is not None:
+            self._hash_blocks(final=True)
+            if self._hasher.hexdigest() != self.header["hash"]:
+                raise WireError("content hash mismatch: the payload is corrupt or the header hash is wrong")
+        arrays, pos = [], 0
+        for spec in self.header["arrays"]:
+            n = _array_nbytes(spec)
+            shape = tuple(spec["shape"])
+            buf = self._out[pos:pos + n]
+            if spec["dtype"] == BITS:
+                count = int(np.prod(shape, dtype=np.int64))
+                arrays.append(np.unpackbits(buf, count=count, bitorder="big").view(np.bool_).reshape(shape))
+            else:
+                arrays.append(buf.view(ALLOWED_DTYPES[spec["dtype"]]).reshape(shape))  # a view: no copy
+            pos += n
+        return Container(self.header, arrays)
 
-    def finish(self) -> tuple[Volume, str]:
-        """The decoded volume and its verified content hash; raises WireError if incomplete or corrupt."""
-        if self.header is None:
-            raise WireError("truncated volume stream: the header is incomplete")
-        if not self._done:
-            raise WireError(
-                f"truncated volume stream: {self._pos} of {self._out.size if self._out is not None else '?'} "
-                "bytes decoded and no end marker"
-            )
-        if self._pos != self._out.size:  # type: ignore[union-attr]
-            size = self._out.size  # type: ignore[union-attr]
-            raise WireError(f"truncated volume stream: {self._pos} of {size} bytes")
-        self._hash_blocks(final=True)
-        digest = self._hasher.hexdigest()
-        if digest != self.header["hash"]:
-            raise WireError("content hash mismatch: the payload is corrupt or the header hash is wrong")
-        h = self.header
-        arr = self._out.view(self._dtype).reshape(h["shape"])  # type: ignore[union-attr]
-        vol = Volume(arr, tuple(h["spacing"]), tuple(h["origin"]), np.asarray(h["direction"]).reshape(3, 3))
-        return vol, digest
 
-
-def decode_volume(data: bytes, max_voxels: int = DEFAULT_MAX_VOXELS) -> tuple[Volume, str]:
-    """Decode a whole volume stream held in memory; returns (volume, content hash)."""
-    dec = VolumeDecoder(max_voxels=max_voxels)
+def decode(data: bytes, max_raw_bytes: int = DEFAULT_MAX_RAW_BYTES, kinds: Optional[Tuple[str, ...]] = None,
+           max_voxels: int = DEFAULT_MAX_VOXELS) -> Container:
+    """Decode a whole container held in memory."""
+    dec = StreamDecoder(max_raw_bytes=max_raw_bytes, kinds=kinds, max_voxels=max_voxels)
     dec.feed(data)
     return dec.finish()
 
 
+def volume_of(c: Container) -> Tuple[Volume, str]:
+    """(volume, content hash) of a decoded "volume" container."""
+    if c.header.get("kind") != "volume":
+        raise WireError(f"expected a volume container, got kind={c.header.get('kind')!r}")
+    g = c.header["volume"]
+    vol = Volume(c.arrays[0], tuple(g["spacing"]), tuple(g["origin"]), np.asarray(g["direction"]).reshape(3, 3))
+    return vol, c.header["hash"]
+
+
+def decode_volume(data: bytes, max_voxels: int = DEFAULT_MAX_VOXELS) -> Tuple[Volume, str]:
+    """Decode a whole volume container held in memory; returns (volume, content hash)."""
+    return volume_of(decode(data, kinds=("volume",), max_voxels=max_voxels))
+
+
 # --------------------------------------------------------------------------------------
-# mask bundles
-def _bbox_ok(bbox: Any, shape: tuple[int, int, int] | None) -> tuple[int, ...]:
-    if (not isinstance(bbox, (list, tuple)) or len(bbox) != 6
-            or not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in bbox)):
-        raise WireError(f"bbox must be six integers (z0, z1, y0, y1, x0, x1), got {bbox!r}")
+# lesion masks (replies): bbox + bit-packed crop per lesion, several images per reply
+def _bbox_ok(bbox: Any, shape: Optional[Sequence[int]]) -> Tuple[int, ...]:
+    if not isinstance(bbox, (list, tuple)) or len(bbox) != 6 or not all(_is_int(v) for v in bbox):
+        raise WireError(f"bbox must be six integers (z0, z1, y0, y1, x0, x1), got {bbox!r}"[:300])
     b = tuple(int(v) for v in bbox)
     for ax in range(3):
         lo, hi = b[2 * ax], b[2 * ax + 1]
@@ -381,185 +462,103 @@ def _bbox_ok(bbox: Any, shape: tuple[int, int, int] | None) -> tuple[int, ...]:
     return b
 
 
-def encode_masks(
-    lesions: Iterable[LesionMask],
-    shape: tuple[int, int, int] | None = None,
-    extra: Mapping[str, Any] | None = None,
-    level: int = 3,
-    per_lesion: Mapping[int, Mapping[str, Any]] | None = None,
-) -> bytes:
-    """Pack lesion crops (bbox + bit-packed mask) and their metadata into one mask bundle.
-
-    ``per_lesion`` adds JSON metadata to a lesion's entry (e.g. the region a client must repaint).
-    """
-    entries = []
-    blobs = []
+def lesion_entries(lesions: Iterable[LesionMask], arrays: List[np.ndarray]) -> List[dict]:
+    """JSON entries of lesion masks; their crops (and probabilities) are appended to ``arrays``."""
+    out = []
     for les in lesions:
         m = np.asarray(les.mask, dtype=bool)
-        b = _bbox_ok(les.bbox, shape)
+        b = _bbox_ok(les.bbox, None)
         if m.shape != (b[1] - b[0], b[3] - b[2], b[5] - b[4]):
             raise WireError(f"lesion {les.lesion_id}: mask shape {m.shape} does not match bbox {list(b)}")
-        packed = np.packbits(m.ravel(), bitorder="big").tobytes()
-        entry = {
-            "id": int(les.lesion_id),
-            "bbox": list(b),
-            "nbytes": len(packed),
-            "voxels": int(np.count_nonzero(m)),
-            "status": str(les.status),
-            "center_voxel": None if les.center_voxel is None else [float(c) for c in les.center_voxel],
-        }
-        if per_lesion and les.lesion_id in per_lesion:
-            entry.update(per_lesion[les.lesion_id])
-        entries.append(entry)
-        blobs.append(packed)
-        if les.probability is not None:
-            # probabilities only travel when asked for: exact float32, right after the lesion's mask bits
-            prob = np.ascontiguousarray(les.probability, dtype="<f4")
+        arrays.append(m)
+        entry = {"id": int(les.lesion_id), "bbox": list(b), "status": LesionStatus(les.status).value,
+                 "center_voxel": None if les.center_voxel is None else [float(c) for c in les.center_voxel],
+                 "mask": len(arrays) - 1}
+        if les.probability is not None:  # only when asked for: exact float32 on the same crop
+            prob = np.asarray(les.probability, dtype=np.float32)
             if prob.shape != m.shape:
                 raise WireError(f"lesion {les.lesion_id}: probability shape {prob.shape} does not match its mask")
-            entry["prob_nbytes"] = prob.nbytes
-            blobs.append(prob.tobytes())
-    raw = b"".join(blobs)
-    header = {"kind": "masks", "protocol": PROTOCOL_VERSION, "shape": None if shape is None else list(shape),
-              "lesions": entries, "raw_nbytes": len(raw)}
-    if extra:
-        header.update(extra)
-    payload = zstd.ZstdCompressor(level=level, write_checksum=True).compress(raw)
-    return _pack_header(MASKS_MAGIC, header) + payload
+            arrays.append(prob)
+            entry["probability"] = len(arrays) - 1
+        out.append(entry)
+    return out
+
+
+def lesions_from_entries(entries: Any, arrays: Sequence[np.ndarray],
+                         shape: Optional[Sequence[int]] = None) -> Dict[int, LesionMask]:
+    """Inverse of :func:`lesion_entries`; every entry is checked against its arrays and the image shape."""
+    if not isinstance(entries, list):
+        raise WireError("lesions must be a list")
+    out: Dict[int, LesionMask] = {}
+    for e in entries:
+        if not isinstance(e, dict) or not _is_int(e.get("id")) or not _is_int(e.get("mask")):
+            raise WireError(f"malformed lesion entry {e!r}"[:300])
+        b = _bbox_ok(e.get("bbox"), shape)
+        crop = (b[1] - b[0], b[3] - b[2], b[5] - b[4])
+        k = e["mask"]
+        if not 0 <= k < len(arrays) or arrays[k].dtype != np.bool_ or arrays[k].shape != crop:
+            raise WireError(f"lesion {e['id']}: its mask array does not match its bbox {list(b)}")
+        prob = None
+        if e.get("probability") is not None:
+            p = e["probability"]
+            if (not _is_int(p) or not 0 <= p < len(arrays) or arrays[p].dtype != np.float32
+                    or arrays[p].shape != crop):
+                raise WireError(f"lesion {e['id']}: its probability array does not match its bbox {list(b)}")
+            prob = np.array(arrays[p])
+        try:
+            status = LesionStatus(e.get("status", "found"))
+        except ValueError:
+            raise WireError(f"lesion {e['id']}: unknown status {e.get('status')!r}"[:300]) from None
+        cv = e.get("center_voxel")
+        if cv is not None and (not isinstance(cv, list) or len(cv) != 3
+                               or not all(isinstance(c, (int, float)) and not isinstance(c, bool) for c in cv)):
+            raise WireError(f"lesion {e['id']}: center_voxel must be three numbers")
+        out[int(e["id"])] = LesionMask(int(e["id"]), b, arrays[k], prob, status,  # type: ignore[arg-type]
+                                       None if cv is None else tuple(float(c) for c in cv))  # type: ignore[arg-type]
+    return out
+
+
+def encode_results(results: Sequence[Tuple[Optional[str], Sequence[int], Iterable[LesionMask]]],
+                   extra: Optional[Mapping[str, Any]] = None, level: int = 3) -> bytes:
+    """A "masks" container: per image (content hash, shape, lesions)."""
+    arrays: List[np.ndarray] = []
+    items = [{"image": h, "shape": [int(s) for s in shape], "lesions": lesion_entries(lesions, arrays)}
+             for h, shape, lesions in results]
+    return encode("masks", arrays, dict(extra or {}, results=items), level=level)
 
 
 @dataclass
-class MaskBundle:
+class MaskReply:
     header: dict
-    lesions: dict[int, LesionMask]
-    entries: dict[int, dict]
+    results: List[Dict[int, LesionMask]]
+    images: List[Optional[str]]
 
 
-def decode_masks(data: bytes, max_raw_bytes: int = 1 << 31) -> MaskBundle:
-    """Inverse of :func:`encode_masks`; validates every size before unpacking."""
-    if len(data) < 8 or data[:4] != MASKS_MAGIC:
-        raise WireError("not a LesionLocator mask bundle (bad magic bytes or too short)")
-    (hlen,) = _U32.unpack_from(data, 4)
-    if hlen > MAX_HEADER_BYTES or len(data) < 8 + hlen:
-        raise WireError("truncated or oversized mask bundle header")
-    header = _parse_header_json(data[8:8 + hlen])
-    if header.get("kind") != "masks" or not isinstance(header.get("lesions"), list):
-        raise WireError("mask bundle header lacks the lesion list")
-    raw_n = header.get("raw_nbytes")
-    if not isinstance(raw_n, int) or not 0 <= raw_n <= max_raw_bytes:
-        raise WireError(f"invalid raw_nbytes {raw_n!r} in the mask bundle")
-    try:
-        raw = zstd.ZstdDecompressor().decompress(data[8 + hlen:], max_output_size=max(raw_n, 1)) if raw_n else b""
-    except zstd.ZstdError as exc:
-        raise WireError(f"corrupt mask bundle payload: {exc}") from None
-    if len(raw) != raw_n:
-        raise WireError(f"mask bundle payload is {len(raw)} bytes, header says {raw_n}")
-    shape = header.get("shape")
-    shape_t = tuple(shape) if isinstance(shape, list) and len(shape) == 3 else None
-    lesions: dict[int, LesionMask] = {}
-    entries: dict[int, dict] = {}
-    pos = 0
-    for e in header["lesions"]:
-        if not isinstance(e, dict) or not isinstance(e.get("id"), int):
-            raise WireError(f"malformed lesion entry {e!r}")
-        b = _bbox_ok(e.get("bbox"), shape_t)  # type: ignore[arg-type]
-        crop = (b[1] - b[0], b[3] - b[2], b[5] - b[4])
-        n = int(np.prod(crop, dtype=np.int64))
-        nbytes = (n + 7) // 8
-        if e.get("nbytes") != nbytes or pos + nbytes > len(raw):
-            raise WireError(f"lesion {e['id']}: packed size does not match its bbox {list(b)}")
-        bits = np.unpackbits(np.frombuffer(raw, np.uint8, count=nbytes, offset=pos), count=n, bitorder="big")
-        pos += nbytes
-        prob = None
-        if "prob_nbytes" in e:
-            if e["prob_nbytes"] != 4 * n or pos + 4 * n > len(raw):
-                raise WireError(f"lesion {e['id']}: probability size does not match its bbox {list(b)}")
-            prob = np.frombuffer(raw, "<f4", count=n, offset=pos).astype(np.float32).reshape(crop)
-            pos += 4 * n
-        cv = e.get("center_voxel")
-        lesions[e["id"]] = LesionMask(
-            lesion_id=e["id"], bbox=b, mask=bits.view(np.bool_).reshape(crop),  # type: ignore[arg-type]
-            probability=prob,
-            status=str(e.get("status", "found")),
-            center_voxel=None if cv is None else tuple(float(c) for c in cv),  # type: ignore[arg-type]
-        )
-        entries[e["id"]] = e
-    if pos != len(raw):
-        raise WireError("mask bundle payload has trailing bytes")
-    return MaskBundle(header=header, lesions=lesions, entries=entries)
+def decode_results(data: bytes, max_raw_bytes: int = DEFAULT_MAX_RAW_BYTES) -> MaskReply:
+    """Inverse of :func:`encode_results` (sizes checked before allocating)."""
+    c = decode(data, max_raw_bytes=max_raw_bytes, kinds=("masks",))
+    items = c.header.get("results")
+    if not isinstance(items, list):
+        raise WireError("a masks container needs a results list")
+    results, images = [], []
+    for it in items:
+        if not isinstance(it, dict):
+            raise WireError("malformed result entry")
+        shape = it.get("shape")
+        if not isinstance(shape, list) or len(shape) != 3 or not all(_is_int(s) and s > 0 for s in shape):
+            raise WireError(f"result shape must be three positive integers, got {shape!r}"[:300])
+        results.append(lesions_from_entries(it.get("lesions"), c.arrays, shape))
+        images.append(it.get("image") if isinstance(it.get("image"), str) else None)
+    return MaskReply(c.header, results, images)
 
 
 # --------------------------------------------------------------------------------------
-# small masks inside JSON requests (mask prompts): bbox + base64(zstd(packbits))
-def encode_mask_prompt(mask: np.ndarray | LesionMask) -> dict:
-    """A mask prompt as a JSON object ``{"bbox": [...], "data": base64}`` holding only its tight crop."""
-    import base64
-
-    from ..core.results import tight_bbox
-
-    if isinstance(mask, LesionMask):
-        full_bbox, crop = mask.bbox, np.asarray(mask.mask, bool)
-    else:
-        arr = np.asarray(mask)
-        if arr.ndim != 3:
-            raise WireError(f"a mask prompt must be 3D, got shape {arr.shape}")
-        tb = tight_bbox(arr != 0)
-        if tb is None:
-            raise WireError("a mask prompt is empty")
-        full_bbox = tb
-        crop = arr[tb[0]:tb[1], tb[2]:tb[3], tb[4]:tb[5]] != 0
-    packed = np.packbits(crop.ravel(), bitorder="big").tobytes()
-    return {"bbox": [int(v) for v in full_bbox],
-            "data": base64.b64encode(zstd.ZstdCompressor(level=3).compress(packed)).decode("ascii")}
+# requests: the JSON request in the header, mask-prompt crops as arrays
+def encode_request(body: Mapping[str, Any], arrays: Sequence[np.ndarray] = ()) -> bytes:
+    return encode("request", arrays, {"request": dict(body)}, level=3)
 
 
-def decode_mask_prompt(obj: Mapping[str, Any], shape: tuple[int, int, int]) -> np.ndarray:
-    """Full-size uint8 mask on an image of ``shape`` from :func:`encode_mask_prompt` output."""
-    import base64
-    import binascii
-
-    b = _bbox_ok(obj.get("bbox"), shape)
-    crop = (b[1] - b[0], b[3] - b[2], b[5] - b[4])
-    n = int(np.prod(crop, dtype=np.int64))
-    nbytes = (n + 7) // 8
-    try:
-        comp = base64.b64decode(str(obj.get("data", "")), validate=True)
-        packed = zstd.ZstdDecompressor().decompress(comp, max_output_size=max(nbytes, 1))
-    except (binascii.Error, ValueError, zstd.ZstdError) as exc:
-        raise WireError(f"mask prompt data is not valid base64 zstd: {exc}") from None
-    if len(packed) != nbytes:
-        raise WireError(f"mask prompt holds {len(packed)} bytes, its bbox {list(b)} needs {nbytes}")
-    out = np.zeros(shape, np.uint8)
-    out[b[0]:b[1], b[2]:b[3], b[4]:b[5]] = np.unpackbits(
-        np.frombuffer(packed, np.uint8), count=n, bitorder="big").reshape(crop)
-    return out
-
-
-# --------------------------------------------------------------------------------------
-# several mask bundles in one reply (tracking: one bundle per follow-up image)
-_U64 = struct.Struct("<Q")
-
-
-def pack_bundles(parts: list[bytes]) -> bytes:
-    """u32 count, then (u64 length, mask bundle) per part."""
-    return _U32.pack(len(parts)) + b"".join(_U64.pack(len(p)) + p for p in parts)
-
-
-def unpack_bundles(data: bytes) -> list[bytes]:
-    """Inverse of :func:`pack_bundles`; every length is checked against the data."""
-    if len(data) < 4:
-        raise WireError("truncated bundle list")
-    (n,) = _U32.unpack_from(data, 0)
-    pos, out = 4, []
-    for _ in range(n):
-        if pos + 8 > len(data):
-            raise WireError("truncated bundle list")
-        (ln,) = _U64.unpack_from(data, pos)
-        pos += 8
-        if pos + ln > len(data):
-            raise WireError("truncated bundle list")
-        out.append(data[pos:pos + ln])
-        pos += ln
-    if pos != len(data):
-        raise WireError("trailing bytes after the bundle list")
-    return out
+def request_of(c: Container) -> Tuple[Any, List[np.ndarray]]:
+    if c.header.get("kind") != "request" or "request" not in c.header:
+        raise WireError("expected a request container with the JSON request in its header")
+    return c.header["request"], c.arrays

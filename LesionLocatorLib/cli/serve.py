@@ -1,0 +1,91 @@
+"""``lesionlocator serve``: run the inference server (serve.app.serve) for RemoteBackend clients."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import List, Optional
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``lesionlocator serve`` (each default stated once, in its help)."""
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="address to bind (default 127.0.0.1; any other needs --token or --token-file)")
+    parser.add_argument("--port", type=int, default=8765, help="TCP port (default 8765; 0 picks a free one)")
+    parser.add_argument("-m", "--model", "--checkpoint", dest="checkpoint", metavar="CHECKPOINT",
+                        help="LesionLocatorModel.zip, its extracted folder or one model folder "
+                             "(default: the bundled demo model)")
+    parser.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N or mps")
+    parser.add_argument("--folds", default=None,
+                        help="folds to load, and to run for requests that do not choose: 'all' or e.g. '0,1' "
+                             "(default: the first fold, as in-process). Requests may choose among the loaded folds")
+    parser.add_argument("--tta", action="store_true",
+                        help="mirroring TTA for requests that do not say (RemoteBackend always says)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the networks (CUDA only)")
+    tok = parser.add_mutually_exclusive_group()
+    tok.add_argument("--token", help="bearer token clients must send (prefer --token-file: argv is visible to others)")
+    tok.add_argument("--token-file", help="file with one token per line (one per client identity)")
+    parser.add_argument("--max-sessions", type=int, default=16, help="sessions alive at once (default 16)")
+    parser.add_argument("--max-upload-mb", type=float, default=1024.0, help="compressed scan upload cap in MiB "
+                                                                            "(default 1024)")
+    parser.add_argument("--max-request-mb", type=float, default=64.0,
+                        help="cap of any other request body in MiB (default 64)")
+    parser.add_argument("--max-cache-mb", type=float, default=8192.0,
+                        help="memory for the scans of all sessions in MiB (default 8192)")
+    parser.add_argument("--max-queue", type=int, default=64, help="model jobs waiting at once (default 64)")
+    parser.add_argument("--session-ttl", type=float, default=3600.0,
+                        help="idle seconds before a session expires (default 3600)")
+    parser.add_argument("--tls-cert", help="PEM certificate: serve HTTPS (tokens otherwise travel in clear text)")
+    parser.add_argument("--tls-key", help="PEM private key for --tls-cert")
+    parser.add_argument("--no-warmup", action="store_true", help="skip the warm-up inference at start")
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
+                        help="(default info)")
+
+
+def parse_folds(text: Optional[str]):  # noqa: ANN201 - the engine's Folds
+    if text is None or text == "all":
+        return text
+    try:
+        return [int(f) for f in text.split(",") if f.strip()]
+    except ValueError:
+        raise ValueError(f"--folds must be 'all' or comma-separated fold numbers, got {text!r}") from None
+
+
+def config_from_args(args: argparse.Namespace):  # noqa: ANN201 - serve.config.ServerConfig
+    from ..serve.auth import read_token_file
+    from ..serve.config import ServerConfig
+
+    tokens = (args.token,) if args.token else read_token_file(args.token_file) if args.token_file else ()
+    return ServerConfig(
+        checkpoint=args.checkpoint, device=args.device, folds=parse_folds(args.folds), tta=args.tta,
+        compile=args.compile, host=args.host, port=args.port, tokens=tokens, max_sessions=args.max_sessions,
+        max_upload_mb=args.max_upload_mb, max_request_mb=args.max_request_mb, max_cache_mb=args.max_cache_mb,
+        max_queue=args.max_queue, session_ttl_s=args.session_ttl, warmup=not args.no_warmup,
+        tls_cert=args.tls_cert, tls_key=args.tls_key)
+
+
+def run(args: argparse.Namespace) -> int:
+    """``lesionlocator serve``: returns a process exit code (2: bad options, before any port is bound)."""
+    from ..serve.app import serve
+
+    logging.basicConfig(level=getattr(logging, args.log_level.upper()), format="%(asctime)s %(levelname)s %(message)s")
+    try:
+        cfg = config_from_args(args)
+    except ValueError as exc:
+        print(f"lesionlocator serve: {exc}", file=sys.stderr)
+        return 2
+    if not cfg.checkpoint:
+        logging.getLogger("lesionlocator.server").warning(
+            "no -m given: serving the bundled DEMO model; for clinical-quality results pass the published "
+            "LesionLocatorModel.zip with -m")
+    return serve(cfg, log_level=args.log_level)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="lesionlocator serve", description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
