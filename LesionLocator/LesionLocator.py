@@ -27,7 +27,7 @@ import os
 import re
 import sys
 import threading
-from typing import Any, Callable, Optional, Sequence
+from typing import Annotated, Any, Callable, Optional, Sequence
 
 import numpy as np
 import vtk
@@ -85,7 +85,7 @@ except ImportError:  # slicer-core (MRML without Qt): only the Logic is usable
             pass
 
 try:
-    from slicer.parameterNodeWrapper import parameterNodeWrapper
+    from slicer.parameterNodeWrapper import Minimum, parameterNodeWrapper
 except ImportError:  # slicer-core: the wrapper (and its Qt GUI connectors) is not available
     parameterNodeWrapper = None
 
@@ -106,7 +106,8 @@ except ImportError:  # very old Slicer: names only used in annotations
 MODULE_NAME = "LesionLocator"
 LESION_ID_ATTRIBUTE = "LesionLocator.LesionId"  # ROI nodes, segments (tag)
 STATUS_TAG = "LesionLocator.Status"  # segment tag: "found" / "not found"
-SOURCE_VOLUME_ATTRIBUTE = "LesionLocator.SourceVolumeID"  # segmentation node -> its timepoint volume
+SOURCE_VOLUME_REFERENCE = "LesionLocatorSourceVolume"  # segmentation node -> its timepoint volume (reference)
+SOURCE_VOLUME_ATTRIBUTE = "LesionLocator.SourceVolumeID"  # the same link as written by 0.1 (node-ID attribute)
 ROLE_ATTRIBUTE = "LesionLocator.Role"  # "prompts", "report", "volumes", "chart"
 STATUS_FOUND = "found"
 STATUS_NOT_FOUND = "not found"
@@ -130,6 +131,7 @@ SPEED_PRESETS: dict[str, tuple[str, Any, bool]] = {
     "published": ("Published: all folds + mirroring TTA (slowest)", "all", True),
 }
 DEVICES = ("auto", "cuda", "cpu", "mps")
+DEFAULT_SERVER_URL = "http://127.0.0.1:8765"  # `lesionlocator serve` listens on port 8765 by default
 BACKEND_LOCAL = "local"
 BACKEND_SERVER = "server"
 
@@ -312,6 +314,24 @@ def _controlPointDefined(markupsNode, index: int) -> bool:
     return markupsNode.GetNthControlPointPositionStatus(index) == markupsNode.PositionDefined
 
 
+def roiIsPlaced(roiNode) -> bool:
+    """Whether an ROI box is fully placed: all its required control points defined and a non-zero size.
+
+    Drawing a box takes two clicks. The first click already adds a defined control point (and fires
+    ``PointPositionDefinedEvent``) while the ROI still requires two and has size 0; after the second click
+    vtkMRMLMarkupsROINode::UpdateBoxROIFromControlPoints replaces both points by one centre point and sets
+    the required number to 1 (Libs/MRML/Core/vtkMRMLMarkupsROINode.cxx, Slicer main). An ROI set from code
+    (SetCenter/SetSize) has one defined point as well.
+    """
+    if roiNode is None:
+        return False
+    defined = roiNode.GetNumberOfDefinedControlPoints()
+    required = roiNode.GetRequiredNumberOfControlPoints()
+    if defined < 1 or (required > 0 and defined < required):
+        return False
+    return float(np.linalg.norm(roiNode.GetSize())) > 0.0
+
+
 def pointVoxelsFromMarkups(markupsNode, volume) -> list[tuple[Optional[int], tuple[int, int, int], int]]:
     """Defined control points -> (lesion id or None, (z, y, x) voxel of ``volume``, control point index).
 
@@ -349,7 +369,7 @@ def boxVoxelsFromROI(roiNode, volume) -> tuple[int, int, int, int, int, int]:
     A box drawn on one slice may be thinner than a voxel: every voxel whose extent the box touches is
     included, so such a box still covers its slice.
     """
-    if roiNode.GetNumberOfControlPoints() < 1 or not _controlPointDefined(roiNode, 0):
+    if not roiIsPlaced(roiNode):
         raise LesionLocatorInputError(f"ROI '{_nodeName(roiNode)}' is not placed yet")
     vox = worldRASToVoxel(volume, roiCornersWorld(roiNode))
     lo, hi = vox.min(axis=0), vox.max(axis=0)
@@ -384,10 +404,12 @@ def _volumeIJKToRASLocal(volumeNode) -> vtk.vtkMatrix4x4:
     return m
 
 
-def orientedImageFromMask(volumeNode, bbox: Sequence[int], mask: np.ndarray):
+def orientedImageFromMask(volumeNode, bbox: Sequence[int], mask: np.ndarray, segmentationNode=None):
     """A (z, y, x) boolean crop at ``bbox`` of the volume's array -> vtkOrientedImageData on the volume's grid.
 
-    The segmentation node is placed under the volume's parent transform, so the local IJKToRAS is used.
+    The geometry is expressed in the frame of ``segmentationNode`` (its own parent transform), so a volume or
+    segmentation moved under another transform after the segmentation was created still gets its masks in
+    the right place. Without ``segmentationNode``: the volume's local frame.
     """
     from vtk.util import numpy_support
 
@@ -396,7 +418,10 @@ def orientedImageFromMask(volumeNode, bbox: Sequence[int], mask: np.ndarray):
     if mask.shape != (z1 - z0, y1 - y0, x1 - x0):
         raise LesionLocatorInputError(f"mask shape {mask.shape} does not match its box {tuple(bbox)}")
     image = slicer.vtkOrientedImageData()
-    image.SetImageToWorldMatrix(_volumeIJKToRASLocal(volumeNode))
+    imageToFrame = arrayFromVTKMatrix(_volumeIJKToRASLocal(volumeNode))
+    if segmentationNode is not None:
+        imageToFrame = np.linalg.inv(_transformToWorld(segmentationNode)) @ _transformToWorld(volumeNode) @ imageToFrame
+    image.SetImageToWorldMatrix(vtkMatrixFromArray(imageToFrame))
     if mask.size == 0:
         return image
     e = volumeNode.GetImageData().GetExtent()
@@ -655,10 +680,13 @@ if parameterNodeWrapper is not None:
         followUpVolumes: list[vtkMRMLScalarVolumeNode]
         promptPoints: vtkMRMLMarkupsFiducialNode
         promptBoxes: list[vtkMRMLMarkupsROINode]
-        currentLesionId: int = 1
+        # Minimum(1): the parameter node's GUI connector replaces the spin box's minimum from the .ui file:
+        # without a Minimum annotation it calls setMinimum(-(2**31)) (Slicer main,
+        # Base/Python/slicer/parameterNodeWrapper/guiConnectors.py, QSliderOrSpinBoxToIntConnector.__init__)
+        currentLesionId: Annotated[int, Minimum(1)] = 1
         autoSegment: bool = True
         backend: str = BACKEND_LOCAL
-        serverUrl: str = "http://127.0.0.1:8765"  # `lesionlocator serve` default
+        serverUrl: str = DEFAULT_SERVER_URL
         modelPath: str = ""  # empty: the bundled default model
         device: str = "auto"
         speedPreset: str = "fast"
@@ -721,14 +749,11 @@ class LesionLocatorLogic(ScriptedLoadableModuleLogic):
         self.speedPreset = "fast"
         self.serverUrl = ""
         self.serverToken = ""
-        self._segmenter = None
-        self._segmenterKey = None
-        self._imageKey = None
-        self._tracker = None
-        self._trackerKey = None
-        self._client = None
-        self._clientKey = None
-        self._lock = threading.Lock()  # one inference at a time (the segmenter caches one image)
+        self._backend = None  # LesionLocatorLib backend (local model or server), see openBackend
+        self._backendKey = None
+        self._session = None  # backend.session(): holds the last image
+        self._sessionImageKey = None
+        self._lock = threading.Lock()  # one inference at a time (the session holds one image)
         self.undoStack: list[UndoStep] = []
         self.maxUndoSteps = 20
         self.lastReport = None
@@ -755,17 +780,6 @@ class LesionLocatorLogic(ScriptedLoadableModuleLogic):
             raise LesionLocatorInputError(f"unknown speed preset {speedPreset!r}; use one of {', '.join(SPEED_PRESETS)}")
         self.backend, self.modelPath, self.device, self.speedPreset = backend, modelPath or None, device, speedPreset
         self.serverUrl, self.serverToken = serverUrl.strip(), serverToken
-
-    def resolvedModelPath(self) -> str:
-        path = self.modelPath or defaultModelPath()
-        if not path:
-            raise LesionLocatorInputError(
-                "no model selected and this build has no bundled default model: choose the LesionLocator "
-                "checkpoint (LesionLocatorModel.zip or its extracted folder) in 'Model'"
-            )
-        if not os.path.exists(path):
-            raise LesionLocatorInputError(f"model not found: {path}")
-        return path
 
     def usesPublishedWeights(self) -> bool:
         """Whether the chosen model is a user-supplied checkpoint (subject to the weights' licence)."""
@@ -815,14 +829,18 @@ class LesionLocatorLogic(ScriptedLoadableModuleLogic):
                     nextId += 1
                 setLesionIdOfROI(roi, lid)
 
-    def collectPrompts(self, volume, pointNodes: Sequence = (), roiNodes: Sequence = ()) -> dict:
+    def collectPrompts(self, volume, pointNodes: Sequence = (), roiNodes: Sequence = (),
+                       lesionIds: Optional[Sequence[int]] = None) -> dict:
         """Markups -> {lesion id: [Point, ..., Box, ...]} in the voxel (z, y, x) grid of ``volume``.
 
         Prompts without a lesion id are an error (call :meth:`assignLesionIds` first): guessing would merge
-        or split lesions silently.
+        or split lesions silently. Boxes that are not placed yet (first click only, or placement cancelled)
+        are left out; only a requested lesion whose sole prompt is such a box is an error. With ``lesionIds``
+        only those lesions are read. The several-prompts rule is the library's (``core.prompts.effective``).
         """
         from LesionLocatorLib.core.prompts import Box, Point
 
+        wanted = None if lesionIds is None else {int(l) for l in lesionIds}
         prompts: dict[int, list] = {}
         for node in pointNodes:
             if node is None:
@@ -831,32 +849,59 @@ class LesionLocatorLogic(ScriptedLoadableModuleLogic):
                 if lid is None:
                     raise LesionLocatorInputError(
                         f"point {index + 1} of '{_nodeName(node)}' has no lesion id (description 'lesion K')")
+                if wanted is not None and lid not in wanted:
+                    continue
                 if not volume.contains_voxel(zyx):
                     raise LesionLocatorInputError(
                         f"point '{node.GetNthControlPointLabel(index)}' (lesion {lid}) lies outside the baseline "
                         "volume; place it on the baseline image")
                 prompts.setdefault(lid, []).append(Point(tuple(float(v) for v in zyx)))
+        unplaced = []
         for roi in roiNodes:
             if roi is None:
                 continue
             lid = lesionIdOfROI(roi)
             if lid is None:
                 raise LesionLocatorInputError(f"box '{_nodeName(roi)}' has no lesion id")
+            if wanted is not None and lid not in wanted:
+                continue
+            if not roiIsPlaced(roi):
+                unplaced.append((lid, roi))
+                continue
             prompts.setdefault(lid, []).append(Box(boxVoxelsFromROI(roi, volume)))
+        for lid, roi in unplaced:
+            if wanted is not None and lid not in prompts:
+                raise LesionLocatorInputError(f"box '{_nodeName(roi)}' of lesion {lid} is not placed yet: "
+                                              "finish drawing it (two clicks) or delete it")
+        for lid in prompts:
+            if lid < 1:
+                raise LesionLocatorInputError(f"lesion ids start at 1 (got {lid})")
         return prompts
 
     # -- segmentation nodes ---------------------------------------------------------------------------
     def segmentationNodeForVolume(self, volumeNode, create: bool = True):
-        """The LesionLocator segmentation node of a timepoint volume (one per volume)."""
+        """The LesionLocator segmentation node of a timepoint volume (one per volume).
+
+        The link is a node reference (role ``SOURCE_VOLUME_REFERENCE``), which MRML remaps when a scene is
+        imported; scenes saved by older versions carry a node-ID attribute, migrated here.
+        """
         scene = self.scene
+        legacy = None
         for i in range(scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode")):
             node = scene.GetNthNodeByClass(i, "vtkMRMLSegmentationNode")
-            if node.GetAttribute(SOURCE_VOLUME_ATTRIBUTE) == volumeNode.GetID():
+            ref = node.GetNodeReference(SOURCE_VOLUME_REFERENCE)
+            if ref is not None and ref.GetID() == volumeNode.GetID():
                 return node
+            if ref is None and legacy is None and node.GetAttribute(SOURCE_VOLUME_ATTRIBUTE) == volumeNode.GetID():
+                legacy = node
+        if legacy is not None:
+            legacy.SetNodeReferenceID(SOURCE_VOLUME_REFERENCE, volumeNode.GetID())
+            legacy.RemoveAttribute(SOURCE_VOLUME_ATTRIBUTE)
+            return legacy
         if not create:
             return None
         node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", f"{volumeNode.GetName()} lesions")
-        node.SetAttribute(SOURCE_VOLUME_ATTRIBUTE, volumeNode.GetID())
+        node.SetNodeReferenceID(SOURCE_VOLUME_REFERENCE, volumeNode.GetID())
         node.CreateDefaultDisplayNodes()
         node.SetReferenceImageGeometryParameterFromVolumeNode(volumeNode)
         node.SetAndObserveTransformNodeID(volumeNode.GetTransformNodeID())
@@ -902,7 +947,7 @@ class LesionLocatorLogic(ScriptedLoadableModuleLogic):
             lo, hi = [int(n[0]) for n in nz], [int(n[-1]) + 1 for n in nz]
             mask = mask[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
             bbox = (bbox[0] + lo[0], bbox[0] + hi[0], bbox[2] + lo[1], bbox[2] + hi[1], bbox[4] + lo[2], bbox[4] + hi[2])
-            image = orientedImageFromMask(volumeNode, bbox, mask)
+            image = orientedImageFromMask(volumeNode, bbox, mask, segmentationNode)
             if not logic.SetBinaryLabelmapToSegment(image, segmentationNode, segmentId, logic.MODE_REPLACE):
                 raise RuntimeError(f"could not write lesion {lesionId} into '{segmentationNode.GetName()}'")
             status = status or STATUS_FOUND
@@ -915,7 +960,6 @@ class LesionLocatorLogic(ScriptedLoadableModuleLogic):
         Returns the ids of the lesions that were not found.
         """
         segmentationNode = self.segmentationNodeForVolume(volumeNode)
-        self._saveStateForUndo()
         step = UndoStep(description, [])
         notFound = []
         for lid in sorted(result.lesions):
@@ -929,11 +973,6 @@ class LesionLocatorLogic(ScriptedLoadableModuleLogic):
         return notFound
 
     # -- undo -------------------------------------------------------------------------------------
-    def _saveStateForUndo(self) -> None:
-        # Slicer's scene undo (a no-op unless the user enabled undo in the application settings)
-        if self.scene.GetUndoFlag():
-            self.scene.SaveStateForUndo()
-
     def _pushUndo(self, step: UndoStep) -> None:
         if step.items:
             self.undoStack.append(step)
@@ -1030,115 +1069,110 @@ class LesionLocatorLogic(ScriptedLoadableModuleLogic):
         """Main thread: read the baseline and the prompts (all lesions, or only ``lesionIds``)."""
         key = self._volumeKey(baselineNode)
         # the segmenter already holds this image: only the geometry is needed, skip copying the voxels
-        volume = volumeFromVolumeNode(baselineNode, copy=self._imageKey != key)
-        prompts = self.collectPrompts(volume, pointNodes, roiNodes)
-        if lesionIds is not None:
-            wanted = {int(l) for l in lesionIds}
-            prompts = {k: v for k, v in prompts.items() if k in wanted}
+        volume = volumeFromVolumeNode(baselineNode, copy=self._sessionImageKey != key)
+        prompts = self.collectPrompts(volume, pointNodes, roiNodes, lesionIds)
         if not prompts:
             raise LesionLocatorInputError("no prompt: place a point or draw a box on a lesion of the baseline volume")
         return SegmentJob(baselineNode.GetID(), key, volume, prompts, sorted(prompts))
 
-    def _presetFoldsTta(self) -> tuple[Any, bool]:
+    def speedSettings(self) -> tuple[Any, bool]:
+        """(folds, tta) of the chosen speed preset: the same on both backends, so a click gives the same mask."""
         _, folds, tta = SPEED_PRESETS[self.speedPreset]
         return folds, tta
 
-    def _getSegmenter(self, kinds: Sequence[str]):
-        from LesionLocatorLib.segment.segmenter import LesionSegmenter
+    def backendKey(self) -> tuple:
+        folds, tta = self.speedSettings()
+        if self.backend == BACKEND_SERVER:
+            return (BACKEND_SERVER, self.serverUrl, self.serverToken, str(folds), tta)
+        return (BACKEND_LOCAL, self.modelPath or None, self.device, str(folds), tta)
 
-        folds, tta = self._presetFoldsTta()
-        key = (self.resolvedModelPath(), self.device, str(folds), tta)
-        if self._segmenter is None or self._segmenterKey != key:
-            self._segmenter = None
-            self._imageKey = None
-            self._segmenter = LesionSegmenter.from_checkpoint(key[0], prompt_type=list(kinds), device=self.device,
-                                                              folds=folds, tta=tta)
-            self._segmenterKey = key
-        return self._segmenter
+    def openBackend(self):
+        """The one LesionLocatorLib backend for the current settings (reused while they stay the same).
 
-    def _getClient(self):
-        """The server client (one server session, reused while URL and token stay the same)."""
+        Local: ``open_backend(model=path or None for the bundled model, device=, folds=, tta=)``; server:
+        ``open_backend(server=url, token=, folds=, tta=)``. Everything else (segmenting, the several-prompts
+        rule, tracking, the classical fallback without a Track model) is the library's.
+        """
+        key = self.backendKey()
+        if self._backend is not None and self._backendKey == key:
+            return self._backend
+        self.closeBackend()
         try:
-            from LesionLocatorLib.serve.client import LesionLocatorClient
+            from LesionLocatorLib.backend import open_backend
         except ImportError as exc:
-            raise DependencyError(f"the LesionLocator server client cannot be loaded: {exc}") from exc
-        if not self.serverUrl:
-            raise LesionLocatorInputError("enter the LesionLocator server URL")
-        key = (self.serverUrl, self.serverToken)
-        if self._client is None or self._clientKey != key:
-            if self._client is not None:
-                self._client.close()
-            self._client = None
-            self._client = LesionLocatorClient(self.serverUrl, token=self.serverToken or None)  # checks the version
-            self._clientKey = key
-        return self._client
+            raise DependencyError(f"LesionLocatorLib cannot be loaded: {exc}") from exc
+        folds, tta = self.speedSettings()
+        if self.backend == BACKEND_SERVER:
+            if not self.serverUrl:
+                raise LesionLocatorInputError("enter the LesionLocator server URL")
+            backend = open_backend(server=self.serverUrl, token=self.serverToken or None, folds=folds, tta=tta)
+        else:
+            if self.modelPath and not os.path.exists(self.modelPath):
+                raise LesionLocatorInputError(f"model not found: {self.modelPath}")
+            try:
+                backend = open_backend(model=self.modelPath or None, device=self.device, folds=folds, tta=tta)
+            except Exception as exc:
+                if not self.modelPath and defaultModelPath() is None:
+                    raise LesionLocatorInputError(
+                        "no model selected and this build has no bundled default model: choose the LesionLocator "
+                        "checkpoint (LesionLocatorModel.zip or its extracted folder) in 'Model'") from exc
+                raise
+        self._backend, self._backendKey = backend, key
+        return backend
+
+    def closeBackend(self) -> None:
+        """Drop the backend, its session and tracker (settings changed, scene closed, module reloaded)."""
+        for obj in (self._session, self._backend):
+            if obj is not None:
+                try:
+                    obj.close()
+                except Exception:  # closing must never hide the reason the backend is dropped
+                    logging.debug("LesionLocator: closing %r failed", obj, exc_info=True)
+        self._backend = self._backendKey = None
+        self._session = self._sessionImageKey = None
 
     def testServerConnection(self) -> str:
-        """Ask the server for its version and capabilities; raises ``ServerError`` with the cause."""
-        self._client = None  # always a fresh check
-        info = self._getClient().check_server()
-        parts = [f"LesionLocator server {info.get('version', '?')}"]
-        for key in ("device", "models", "tracking"):
-            if key in info:
-                parts.append(f"{key}: {info[key]}")
-        return ", ".join(parts)
+        """Open the server backend (checks version and token) and describe it; raises with the cause."""
+        self.closeBackend()  # always a fresh check
+        info = self.openBackend().describe()
+        return ", ".join(f"{k}: {v}" for k, v in info.items())
 
     def computeSegmentation(self, job: SegmentJob, progress: Optional[Callable[[float, str], None]] = None,
                             cancelEvent: Optional[threading.Event] = None):
-        """Worker thread: run the model. Several points for one lesion are segmented separately and merged.
+        """Worker thread: ``backend.session().segment(prompts=...)`` (lesion ids travel unchanged).
 
-        Returns a ``SegmentationResult`` on the baseline's grid with one lesion per id.
+        The library applies the several-prompts rule (last mask, else last box, else the union of the points).
+        Returns a ``SegmentationResult`` on the baseline's grid with one lesion per requested id.
         """
-        from LesionLocatorLib.core.prompts import Box
-        from LesionLocatorLib.core.results import LesionMask, SegmentationResult
+        from LesionLocatorLib.segment.session import Cancelled
 
-        # flatten {lesion: [prompts]} to single-prompt jobs; a box replaces the points of its lesion
-        flat: dict[int, Any] = {}
-        owner: dict[int, int] = {}
-        for lid in job.lesionIds:
-            items = job.prompts[lid]
-            boxes = [p for p in items if isinstance(p, Box)]
-            chosen = [boxes[-1]] if boxes else items
-            for p in chosen:
-                key = len(flat) + 1
-                flat[key], owner[key] = p, lid
-
-        def report(fraction: float, message: str) -> None:
-            if cancelEvent is not None and cancelEvent.is_set():
-                raise CancelledError("cancelled by the user")
-            if progress:
-                progress(fraction, message)
-
+        report = _progressReporter(progress, cancelEvent)
         with self._lock:
             report(0.0, "loading the model")
-            if self.backend == BACKEND_SERVER:
-                client = self._getClient()
-                report(0.02, "sending the image to the server")
-                client.set_image(job.volume)  # uploads only when the server does not hold it yet
-                report(0.2, f"segmenting {len(flat)} prompt(s) on the server")
-                raw = client.segment_prompts(flat)
-            else:
-                kinds = sorted({"box" if isinstance(p, Box) else "point" for p in flat.values()})
-                segmenter = self._getSegmenter(kinds)
-                if self._imageKey != job.volumeKey:
-                    report(0.02, "preparing the image")
-                    if not job.volume.array.flags.owndata:  # a view of the MRML voxels: the segmenter keeps its own
-                        job.volume.array = job.volume.array.copy()
-                    segmenter.set_image(job.volume)
-                    self._imageKey = job.volumeKey
-                raw = segmenter.segment_prompts(flat, progress=report)
-        result = SegmentationResult(job.volume)
-        for key, lesion in sorted(raw.lesions.items()):
-            lid = owner[key]
-            if lid in result.lesions:
-                result.lesions[lid] = _unionMasks(result.lesions[lid], lesion)
-            else:
-                result.lesions[lid] = LesionMask(lid, lesion.bbox, lesion.mask, None, lesion.status,
-                                                 lesion.center_voxel)
-        for lid in job.lesionIds:  # a lesion is never dropped
+            backend = self.openBackend()
+            if self._session is None:
+                self._session = backend.session()
+                self._sessionImageKey = None
+            if self._sessionImageKey != job.volumeKey:
+                report(0.01, "preparing the image" + (" (uploading it)" if getattr(backend, "remote", False) else ""))
+                if not job.volume.array.flags.owndata:  # a view of the MRML voxels: the session keeps its own
+                    job.volume.array = job.volume.array.copy()
+                self._session.set_image(job.volume)
+                self._sessionImageKey = job.volumeKey
+            try:
+                result = self._session.segment(prompts=job.prompts, progress=report, cancel=cancelEvent)
+            except Cancelled as exc:
+                raise CancelledError("cancelled by the user") from exc
+        return self.completeResult(result, job.lesionIds)
+
+    @staticmethod
+    def completeResult(result, lesionIds: Sequence[int]):
+        """Every requested lesion in ``result`` (a lesion is listed as 'not found', never dropped)."""
+        from LesionLocatorLib.core.results import LesionMask
+
+        for lid in lesionIds:
             if lid not in result.lesions:
-                result.lesions[lid] = LesionMask(lid, (0, 0, 0, 0, 0, 0), np.zeros((0, 0, 0), bool), None,
-                                                 STATUS_NOT_FOUND)
+                result.lesions[lid] = LesionMask.not_found(lid)
         return result
 
     def applySegmentation(self, job: SegmentJob, result) -> list[int]:
@@ -1173,77 +1207,44 @@ class LesionLocatorLogic(ScriptedLoadableModuleLogic):
         return TrackJob(baselineNode.GetID(), [n.GetID() for n in followUpNodes], baseline, followUps, masks,
                         sorted(masks))
 
-    def _getTracker(self):
-        try:
-            from LesionLocatorLib.track.tracker import LesionTracker
-        except ImportError as exc:
-            raise DependencyError(f"this installation cannot track lesions (LesionLocatorLib.track.tracker: {exc})") from exc
-        from LesionLocatorLib.model.checkpoint import resolve_model_dir
-
-        folds, tta = self._presetFoldsTta()
-        key = (self.resolvedModelPath(), self.device, str(folds), tta)
-        if self._tracker is None or self._trackerKey != key:
-            self._tracker = None
-            modelDir = resolve_model_dir(key[0], "track")  # LesionLocatorTrack inside the package
-            self._tracker = LesionTracker.from_checkpoint(modelDir, device=self.device, folds=folds, tta=tta)
-            self._trackerKey = key
-        return self._tracker
-
     def computeTracking(self, job: TrackJob, progress=None, cancelEvent: Optional[threading.Event] = None) -> list:
-        """Worker thread: track the baseline lesions into every follow-up (autoregressively).
+        """Worker thread: ``backend.tracker()`` tracks the baseline masks into every follow-up.
 
-        Returns one ``SegmentationResult`` per follow-up; every baseline lesion appears in each of them
-        (status 'not found' when the tracker lost it).
+        The bundled model has no Track folder: the library's tracker then propagates classically. Returns one
+        ``SegmentationResult`` per follow-up; every baseline lesion appears in each of them.
         """
-        from LesionLocatorLib.core.results import LesionMask, SegmentationResult
+        from LesionLocatorLib.segment.session import Cancelled
 
-        def report(fraction: float, message: str) -> None:
-            if cancelEvent is not None and cancelEvent.is_set():
-                raise CancelledError("cancelled by the user")
-            if progress:
-                progress(fraction, message)
-
-        masks = {}
-        for lid, (bbox, crop) in job.baselineMasks.items():
-            masks[lid] = LesionMask(lid, tuple(bbox), crop, None, STATUS_FOUND)
+        report = _progressReporter(progress, cancelEvent)
+        masks = {lid: _fullMask(job.baseline.shape, bbox, crop) for lid, (bbox, crop) in job.baselineMasks.items()}
         with self._lock:
             report(0.0, "loading the tracking model")
-            if self.backend == BACKEND_SERVER:
-                report(0.02, "sending the images to the server")
-                results = self._getClient().track(job.baseline, job.followUps, masks=masks)
-            else:
-                import inspect
+            tracker = self.openBackend().tracker()
+            try:
+                report(0.02, "preparing the images")
+                tracker.set_images(job.baseline, job.followUps)
+                report(0.05, f"tracking {len(masks)} lesion(s) into {len(job.followUps)} follow-up(s)")
+                tracked = tracker.track(masks=masks, progress=report, cancel=cancelEvent)
+            except Cancelled as exc:
+                raise CancelledError("cancelled by the user") from exc
+            finally:
+                tracker.close()
+        return self.completeTrackingResults(job, tracked.followups)
 
-                from LesionLocatorLib.core.prompts import Mask
-
-                tracker = self._getTracker()
-                # the baseline masks are the prompts (published tracking: mask prompts on the baseline grid)
-                prompts = {lid: Mask(m.full(job.baseline.shape).astype(bool)) for lid, m in masks.items()}
-                kwargs = {"progress": report} if "progress" in inspect.signature(tracker.track).parameters else {}
-                report(0.05, f"tracking {len(prompts)} lesion(s) into {len(job.followUps)} follow-up(s)")
-                results = tracker.track(job.baseline, job.followUps, prompts, **kwargs)
-        return self.completeTrackingResults(job, results)
-
-    @staticmethod
-    def completeTrackingResults(job: TrackJob, results) -> list:
+    @classmethod
+    def completeTrackingResults(cls, job: TrackJob, results) -> list:
         """One result per follow-up, each listing every tracked lesion (missing ones as 'not found')."""
-        from LesionLocatorLib.core.results import LesionMask
-
         results = list(results)
         if len(results) != len(job.followUps):
             raise RuntimeError(f"the tracker returned {len(results)} results for {len(job.followUps)} follow-ups")
         for res, followUp in zip(results, job.followUps):
             if tuple(res.image.shape) != tuple(followUp.shape):
                 raise RuntimeError(f"a tracking result has the shape {res.image.shape}, its follow-up {followUp.shape}")
-            for lid in job.lesionIds:
-                if lid not in res.lesions:
-                    res.lesions[lid] = LesionMask(lid, (0, 0, 0, 0, 0, 0), np.zeros((0, 0, 0), bool), None,
-                                                  STATUS_NOT_FOUND)
+            cls.completeResult(res, job.lesionIds)
         return results
 
     def applyTracking(self, job: TrackJob, results: Sequence) -> list[tuple[str, int]]:
         """Main thread: write every follow-up's result (one undo step for all). Returns (volume, id) not found."""
-        self._saveStateForUndo()
         step = UndoStep("track lesions", [])
         notFound = []
         for nodeID, res in zip(job.followUpNodeIDs, results):
@@ -1396,22 +1397,22 @@ class LesionLocatorLogic(ScriptedLoadableModuleLogic):
         return path
 
 
-def _unionMasks(a, b):
-    """Union of two lesion masks (crops on the same grid) -> a LesionMask over the union bbox."""
-    from LesionLocatorLib.core.results import LesionMask
+def _progressReporter(progress, cancelEvent):
+    """progress(fraction, message) that also stops the job when the user cancelled."""
+    def report(fraction: float, message: str) -> None:
+        if cancelEvent is not None and cancelEvent.is_set():
+            raise CancelledError("cancelled by the user")
+        if progress:
+            progress(fraction, message)
 
-    if a.empty:
-        return LesionMask(a.lesion_id, b.bbox, b.mask, None, b.status, a.center_voxel)
-    if b.empty:
-        return a
-    lo = [min(a.bbox[2 * i], b.bbox[2 * i]) for i in range(3)]
-    hi = [max(a.bbox[2 * i + 1], b.bbox[2 * i + 1]) for i in range(3)]
-    out = np.zeros([h - l for l, h in zip(lo, hi)], dtype=bool)
-    for m in (a, b):
-        sl = tuple(slice(m.bbox[2 * i] - lo[i], m.bbox[2 * i + 1] - lo[i]) for i in range(3))
-        out[sl] |= m.mask
-    bbox = (lo[0], hi[0], lo[1], hi[1], lo[2], hi[2])
-    return LesionMask(a.lesion_id, bbox, out, None, STATUS_FOUND, a.center_voxel)
+    return report
+
+
+def _fullMask(shape, bbox, crop) -> np.ndarray:
+    out = np.zeros(tuple(shape), dtype=bool)
+    z0, z1, y0, y1, x0, x1 = (int(v) for v in bbox)
+    out[z0:z1, y0:y1, x0:x1] = crop
+    return out
 
 
 # --------------------------------------------------------------------------------------------------

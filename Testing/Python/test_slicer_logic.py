@@ -342,7 +342,7 @@ def test_result_to_segments_names_colours_geometry(LL, scene, logic):
     not_found = logic.applyResult(node, res)
     assert not_found == [3]
     seg_node = logic.segmentationNodeForVolume(node, create=False)
-    assert seg_node is not None and seg_node.GetAttribute(LL.SOURCE_VOLUME_ATTRIBUTE) == node.GetID()
+    assert seg_node is not None and seg_node.GetNodeReference(LL.SOURCE_VOLUME_REFERENCE) is node
     assert seg_node.GetParentTransformNode() is node.GetParentTransformNode()
     seg = seg_node.GetSegmentation()
     for lid in (1, 2, 3):
@@ -468,16 +468,23 @@ def tiny_model(tmp_path_factory, LL):
     return LL.makeTinyTestModel(str(tmp_path_factory.mktemp("tiny_model")))
 
 
-def test_segment_with_real_segmenter_matches_direct_call(LL, scene, logic, tiny_model):
+def _direct_session(model, volume, folds=(0,), tta=False):
+    from LesionLocatorLib.backend import open_backend
+
+    session = open_backend(model=model, device="cpu", folds=folds, tta=tta).session()
+    session.set_image(volume)
+    return session
+
+
+def test_segment_with_the_backend_session_matches_a_direct_call(LL, scene, logic, tiny_model):
     from LesionLocatorLib.core.prompts import Box, Point
-    from LesionLocatorLib.segment.segmenter import LesionSegmenter
 
     node, _ = make_volume_node(scene, shape_zyx=(14, 20, 22), spacing=(1.6, 1.8, 2.5))
     node.SetAndObserveTransformNodeID(add_linear_transform(scene, rigid(rotation(2, 8.0), (1, 1, 1))).GetID())
     vol = LL.volumeFromVolumeNode(node)
     points = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "pts")
     _place_world(scene, points, ijk_to_world(node, (10, 9, 7)))
-    LL.setLesionIdOfControlPoint(points, 0, 1)
+    LL.setLesionIdOfControlPoint(points, 0, 7)  # lesion ids travel unchanged (no renumbering)
     roi = _roi_on_voxels(scene, LL, node, (3, 4, 2), (8, 10, 6))
     LL.setLesionIdOfROI(roi, 2)
 
@@ -485,12 +492,10 @@ def test_segment_with_real_segmenter_matches_direct_call(LL, scene, logic, tiny_
     seen = []
     not_found = logic.segment(node, [points], [roi], progress=lambda f, m: seen.append(f))
     assert seen and seen[-1] == 1.0
-    direct = LesionSegmenter.from_checkpoint(tiny_model, prompt_type=["point", "box"], device="cpu", folds=(0,),
-                                             tta=False)
-    direct.set_image(vol)
-    expected = direct.segment_prompts({1: Point((7.0, 9.0, 10.0)), 2: Box((2, 7, 4, 11, 3, 9))})
+    expected = _direct_session(tiny_model, vol).segment(prompts={7: Point((7.0, 9.0, 10.0)), 2: Box((2, 7, 4, 11, 3, 9))})
     back = logic.segmentationResultFromNode(node)
-    for lid in (1, 2):
+    assert sorted(back.lesions) == [2, 7]
+    for lid in (2, 7):
         np.testing.assert_array_equal(back.mask(lid), expected.mask(lid))
         assert (lid in not_found) == expected.lesions[lid].empty
     assert logic.canUndo()
@@ -504,9 +509,17 @@ def test_segment_with_real_segmenter_matches_direct_call(LL, scene, logic, tiny_
         logic.computeSegmentation(job, cancelEvent=cancel)
 
 
-def test_several_points_of_one_lesion_are_merged(LL, scene, logic, tiny_model):
-    from LesionLocatorLib.core.prompts import Point
-    from LesionLocatorLib.segment.segmenter import LesionSegmenter
+def test_speed_preset_reaches_the_backend(LL, logic, tiny_model):
+    logic.configure(modelPath=tiny_model, device="cpu", speedPreset="fast")
+    settings = logic.openBackend().describe()
+    assert settings["tta"] is True and list(settings["default_folds"]) == [0]
+    assert logic.openBackend() is logic.openBackend()  # reused while the settings stay
+    logic.configure(modelPath=tiny_model, device="cpu", speedPreset="fastest")
+    assert logic.openBackend().describe()["tta"] is False
+
+
+def test_several_prompts_of_one_lesion_follow_the_library_rule(LL, scene, logic, tiny_model):
+    from LesionLocatorLib.core.prompts import Box, Point
 
     node, _ = make_volume_node(scene, shape_zyx=(12, 16, 16), directions=np.eye(3), spacing=(2.0, 2.0, 2.0))
     vol = LL.volumeFromVolumeNode(node)
@@ -516,17 +529,21 @@ def test_several_points_of_one_lesion_are_merged(LL, scene, logic, tiny_model):
     logic.assignLesionIds([points], [], currentLesionId=3)
     logic.configure(modelPath=tiny_model, device="cpu", speedPreset="fastest")
     logic.segment(node, [points], [])
-    direct = LesionSegmenter.from_checkpoint(tiny_model, prompt_type="point", device="cpu", folds=(0,))
-    direct.set_image(vol)
-    exp = direct.segment_prompts({1: Point((3.0, 4.0, 4.0)), 2: Point((8.0, 10.0, 11.0))})
-    union = exp.mask(1).astype(bool) | exp.mask(2).astype(bool)
-    np.testing.assert_array_equal(logic.segmentationResultFromNode(node).mask(3).astype(bool), union)
+    session = _direct_session(tiny_model, vol)
+    exp = session.segment(prompts={3: [Point((3.0, 4.0, 4.0)), Point((8.0, 10.0, 11.0))]})
+    np.testing.assert_array_equal(logic.segmentationResultFromNode(node).mask(3), exp.mask(3))
+    # a box of the same lesion replaces its points
+    roi = _roi_on_voxels(scene, LL, node, (3, 4, 2), (8, 10, 6))
+    LL.setLesionIdOfROI(roi, 3)
+    logic.segment(node, [points], [roi])
+    exp = session.segment(prompts={3: [Box((2, 7, 4, 11, 3, 9))]})
+    np.testing.assert_array_equal(logic.segmentationResultFromNode(node).mask(3), exp.mask(3))
 
 
 def test_missing_model_is_explained(LL, logic, tmp_path):
     logic.configure(modelPath=str(tmp_path / "nope"), device="cpu")
     with pytest.raises(LL.LesionLocatorInputError, match="model not found"):
-        logic.resolvedModelPath()
+        logic.openBackend()
     with pytest.raises(LL.LesionLocatorInputError, match="unknown speed preset"):
         logic.configure(speedPreset="turbo")
 
@@ -539,10 +556,10 @@ def test_cached_image_is_not_copied_and_new_model_gets_its_own_copy(LL, scene, l
     logic.configure(modelPath=tiny_model, device="cpu", speedPreset="fastest")
     logic.segment(node, [points], [])
     job = logic.prepareSegmentation(node, [points], [])
-    assert not job.volume.array.flags.owndata  # the segmenter holds this image already: geometry only
-    logic.configure(modelPath=tiny_model, device="cpu", speedPreset="fast")  # another segmenter (TTA)
+    assert not job.volume.array.flags.owndata  # the session holds this image already: geometry only
+    logic.configure(modelPath=tiny_model, device="cpu", speedPreset="fast")  # another backend (TTA)
     logic.applySegmentation(job, logic.computeSegmentation(job))
-    held = logic._segmenter.image.array
+    held = logic._session.image.array
     assert held.flags.owndata  # never a view of MRML memory that Slicer may free
     np.testing.assert_array_equal(held, LL.volumeFromVolumeNode(node).array)
 
@@ -601,7 +618,7 @@ def test_server_backend_gives_the_local_result(LL, scene, tiny_model, server_url
 
     remote = LL.LesionLocatorLogic(scene=scene)
     remote.configure(backend=LL.BACKEND_SERVER, serverUrl=url, serverToken=token, speedPreset="fastest")
-    assert "LesionLocator server" in remote.testServerConnection()
+    assert "server" in remote.testServerConnection().lower()
     remote.segment(node, [points], [roi])
     got = remote.segmentationResultFromNode(node)
 
@@ -621,7 +638,8 @@ def test_server_errors_name_the_cause(LL, scene, server_url):
     wrong_token.configure(backend=LL.BACKEND_SERVER, serverUrl=url, serverToken="not-the-token")
     with pytest.raises(OSError) as info:
         wrong_token.testServerConnection()
-        wrong_token._getClient().set_image(LL.volumeFromVolumeNode(make_volume_node(scene)[0]))
+        session = wrong_token.openBackend().session()
+        session.set_image(LL.volumeFromVolumeNode(make_volume_node(scene)[0]))
     assert "token" in LL.describeError(info.value).lower()
     unreachable = LL.LesionLocatorLogic(scene=scene)
     unreachable.configure(backend=LL.BACKEND_SERVER, serverUrl=f"http://127.0.0.1:{_free_port()}")
@@ -689,16 +707,71 @@ def test_tracking_results_to_follow_up_segments(LL, scene, logic):
         LL.LesionLocatorLogic.completeTrackingResults(job, [_result(v1, [])])
 
 
-def test_tracking_without_tracker_module_is_explained(LL, scene, logic, tiny_model):
-    if importlib.util.find_spec("LesionLocatorLib.track.tracker") is not None:
-        pytest.skip("this checkout has a tracker")
-    base, _ = make_volume_node(scene, name="b")
-    fu, _ = make_volume_node(scene, name="f")
+def test_track_lesions_with_the_bundled_model(LL, scene, logic):
+    """The bundled model has no Track folder: the library's tracker propagates classically (issue 10)."""
+    pytest.importorskip("torch")
+    if LL.defaultModelPath() is None:
+        pytest.skip("this build ships no bundled model")
+    base, _ = make_volume_node(scene, name="b", shape_zyx=(16, 20, 20), directions=np.eye(3), spacing=(2.0, 2.0, 2.0))
+    fu, _ = make_volume_node(scene, name="f", shape_zyx=(16, 20, 20), directions=np.eye(3), spacing=(2.0, 2.0, 2.0))
     vb = LL.volumeFromVolumeNode(base)
-    logic.applyResult(base, _result(vb, [_lesion(1, (2, 5, 3, 7, 4, 9), np.ones((3, 4, 5)))]))
-    logic.configure(modelPath=tiny_model, device="cpu")
-    with pytest.raises(LL.DependencyError, match="cannot track"):
-        logic.computeTracking(logic.prepareTracking(base, [fu]))
+    logic.applyResult(base, _result(vb, [_lesion(4, (6, 10, 7, 12, 7, 12), np.ones((4, 5, 5)))]))
+    logic.configure(device="cpu", speedPreset="fastest")  # no model path: the bundled model
+    job = logic.prepareTracking(base, [fu])
+    results = logic.computeTracking(job)
+    assert len(results) == 1 and sorted(results[0].lesions) == [4]
+    logic.applyTracking(job, results)
+    assert sorted(logic.lesionStatuses(fu)) == [4]
+
+
+def test_scene_import_keeps_the_segmentation_volume_link(LL, scene, logic, tmp_path):
+    """MRML remaps node references on import, not node-ID attributes (defect 7)."""
+    node, _ = make_volume_node(scene, name="ct")
+    vol = LL.volumeFromVolumeNode(node)
+    logic.applyResult(node, _result(vol, [_lesion(1, (2, 5, 3, 7, 4, 9), np.ones((3, 4, 5), bool))]))
+    scene.SetURL(str(tmp_path / "saved.mrml"))
+    scene.SetRootDirectory(str(tmp_path))
+    assert scene.Commit()
+    other = slicer.vtkMRMLScene()
+    for i in range(3):  # occupy the IDs the saved scene uses: import must rename its nodes
+        make_volume_node(other, name=f"existing{i}")
+        other.AddNewNodeByClass("vtkMRMLSegmentationNode", f"existing seg {i}")
+    other.SetURL(str(tmp_path / "saved.mrml"))
+    assert other.Import()
+    imported = [other.GetNthNodeByClass(i, "vtkMRMLScalarVolumeNode")
+                for i in range(other.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode"))]
+    ct = next(n for n in imported if n.GetName() == "ct")
+    assert ct.GetID() != node.GetID(), "the test needs the import to rename the volume"
+    other_logic = LL.LesionLocatorLogic(scene=other)
+    seg = other_logic.segmentationNodeForVolume(ct, create=False)
+    assert seg is not None and seg.GetName() == "ct lesions"
+
+
+def test_legacy_attribute_link_is_migrated(LL, scene, logic):
+    node, _ = make_volume_node(scene)
+    old = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "old lesions")
+    old.SetAttribute(LL.SOURCE_VOLUME_ATTRIBUTE, node.GetID())
+    assert logic.segmentationNodeForVolume(node, create=False) is old
+    assert old.GetNodeReference(LL.SOURCE_VOLUME_REFERENCE) is node and old.GetAttribute(LL.SOURCE_VOLUME_ATTRIBUTE) is None
+
+
+@pytest.mark.parametrize("moved", ["volume", "segmentation"])
+def test_masks_land_on_the_volume_after_a_transform_change(LL, scene, logic, moved):
+    """Volume or segmentation put under another transform after the segmentation was created (defect 8)."""
+    node, _ = make_volume_node(scene, directions=np.eye(3), spacing=(1.0, 1.0, 1.0))
+    vol = LL.volumeFromVolumeNode(node)
+    first = np.ones((2, 2, 2), bool)
+    logic.applyResult(node, _result(vol, [_lesion(1, (1, 3, 1, 3, 1, 3), first)]))
+    seg = logic.segmentationNodeForVolume(node, create=False)
+    t = add_linear_transform(scene, rigid(np.eye(3), (3.0, -2.0, 4.0)))
+    (node if moved == "volume" else seg).SetAndObserveTransformNodeID(t.GetID())
+    mask = np.zeros((3, 4, 2), bool)
+    mask[1:, 1:3, :] = True
+    logic.applyResult(node, _result(vol, [_lesion(2, (4, 7, 5, 9, 6, 8), mask)]))
+    back = logic.segmentationResultFromNode(node)  # read on the volume's grid, wherever both are now
+    expected = np.zeros(vol.shape, bool)
+    expected[4:7, 5:9, 6:8] = mask
+    np.testing.assert_array_equal(back.mask(2).astype(bool), expected)
 
 
 def test_requirements_and_missing_dependencies(LL, tmp_path):
