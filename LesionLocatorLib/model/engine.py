@@ -117,7 +117,8 @@ class LesionLocatorModel:
 
     def __init__(self, checkpoint: Union[str, os.PathLike, None] = None, device: Union[str, torch.device] = "auto",
                  folds: Folds = None, tta: bool = False, compile: bool = False, cpu_fallback: bool = True,
-                 num_threads: Optional[int] = None, model_dirs: Optional[Dict[str, Path]] = None):
+                 num_threads: Optional[int] = None, model_dirs: Optional[Dict[str, Path]] = None,
+                 grow: bool = True):
         self.checkpoint = None if checkpoint is None else str(checkpoint)
         self.model_dirs = dict(model_dirs) if model_dirs else find_model_dirs(checkpoint)
         unknown = set(self.model_dirs) - set(KINDS)
@@ -129,6 +130,7 @@ class LesionLocatorModel:
         self.tta = bool(tta)
         self.compile = compile
         self.cpu_fallback = cpu_fallback
+        self.grow = bool(grow)  # continue a lesion's prediction past its patch (False: published single patch)
         if num_threads:
             torch.set_num_threads(num_threads)
         for kind, d in self.model_dirs.items():  # a missing fold fails now, not on the first click
@@ -197,7 +199,7 @@ class LesionLocatorModel:
         return {"checkpoint": self.checkpoint or "bundled", "kinds": self.kinds, "device": str(self._device),
                 "folds": {k: available_folds(d) for k, d in self.model_dirs.items()},
                 "default_folds": self.folds if not isinstance(self.folds, tuple) else list(self.folds),
-                "tta": self.tta}
+                "tta": self.tta, "grow": self.grow}
 
     # -- running -----------------------------------------------------------------------------
     def forward(self, kind: str, x: torch.Tensor, tta: Optional[bool] = None, folds: Folds = None) -> torch.Tensor:
@@ -256,11 +258,11 @@ class LesionLocatorModel:
             torch.cuda.synchronize()
 
     # -- what runs on it -----------------------------------------------------------------------
-    def session(self, tta: Optional[bool] = None, folds: Folds = None):
-        """A per-image segmentation session over this model."""
+    def session(self, tta: Optional[bool] = None, folds: Folds = None, grow: Optional[bool] = None):
+        """A per-image segmentation session over this model (None: the model's own settings)."""
         from ..segment.session import SegmentSession
 
-        return SegmentSession(self, tta=tta, folds=folds)
+        return SegmentSession(self, tta=tta, folds=folds, grow=grow)
 
     def tracker(self, propagation: Optional[str] = None, refine: Optional[str] = None, tta: Optional[bool] = None,
                 folds: Folds = None, classical_options: Optional[dict] = None):

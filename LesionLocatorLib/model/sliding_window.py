@@ -38,10 +38,17 @@ def tiles_for_prompt(padded_shape: Sequence[int], patch: Sequence[int], bbox_lo:
             start = min(max(start, 0), n - p)
             tile.append((start, start + p))
         return [tuple(tile)]  # type: ignore[list-item]
+    return window_tiles(padded_shape, patch, bbox_lo, bbox_hi, step)
+
+
+def window_tiles(padded_shape: Sequence[int], patch: Sequence[int], lo: Sequence[int], hi: Sequence[int],
+                 step: float = 0.5) -> list[Tile]:
+    """The nnU-Net sliding-window tiles (steps over the whole padded image) that overlap the inclusive
+    box [lo, hi]; also where a lesion's prediction grows past its patch (segment/growth.py)."""
     steps = sliding_window_steps(padded_shape, patch, step)
     keep = []
     for ax in range(3):
-        keep.append([s for s in steps[ax] if s <= bbox_hi[ax] and s + patch[ax] > bbox_lo[ax]])
+        keep.append([s for s in steps[ax] if s <= hi[ax] and s + patch[ax] > lo[ax]])
     return [((z, z + patch[0]), (y, y + patch[1]), (x, x + patch[2]))
             for z in keep[0] for y in keep[1] for x in keep[2]]
 

@@ -37,8 +37,10 @@ class SegmentSession:
 
     RECENT_IMAGES = 3  # prepared images kept, so switching back and forth costs nothing
 
-    def __init__(self, model: LesionLocatorModel, tta: Optional[bool] = None, folds: Folds = None):
+    def __init__(self, model: LesionLocatorModel, tta: Optional[bool] = None, folds: Folds = None,
+                 grow: Optional[bool] = None):
         self.model = model
+        self.grow = grow  # None: the model's setting (on by default); False: the published single patch
         self.tta = tta  # None: the model's setting
         self.folds = folds
         self._prepared: Optional[PreparedImage] = None
@@ -106,7 +108,7 @@ class SegmentSession:
             kind = self.kind_for(prompt)
             enc = encode_prompt(prompt, self.prepared.grid(kind), kind)
             les, self.last_debug[lid] = predict_lesion(self.prepared, lid, kind, enc, None, return_probabilities,
-                                                       prompt_center(prompt), self.tta, self.folds)
+                                                       prompt_center(prompt), self.tta, self.folds, self.grow)
             parts.append(les)
         return unite(parts)
 
