@@ -30,7 +30,6 @@ import time
 from typing import Any, Callable, Dict, List, Optional
 
 import slicer
-import vtk
 
 import LesionLocator as LL  # the scripted module (already loaded: the widget imports this package lazily)
 
