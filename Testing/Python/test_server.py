@@ -1,8 +1,6 @@
-"""The server on loopback, with a tiny published-layout checkpoint and the real LesionSegmenter.
-
-The uvicorn servers here run in a thread of the test process (the real separate-process server
-is exercised in test_client.py).  Every loop is bounded, every address is 127.0.0.1.
-"""
+"""The server on loopback (uvicorn in a thread of this process) with a tiny random checkpoint, against the
+in-process backend. Every answer is compared with ``open_backend(model=...)``; every loop is bounded; every
+address is 127.0.0.1. The separate-process server is exercised in test_client.py."""
 from __future__ import annotations
 
 import argparse
@@ -22,32 +20,31 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from LesionLocatorLib.backend import open_backend
+from LesionLocatorLib.cli.serve import add_arguments, config_from_args, run
+from LesionLocatorLib.core.geometry import Volume
+from LesionLocatorLib.core.prompts import Box, Mask, Point, PromptError, parse_prompts, prompts_to_json
+from LesionLocatorLib.core.results import LesionStatus
+from LesionLocatorLib.model.tiny_model import write_random_checkpoint
+from LesionLocatorLib.segment.session import Cancelled, resolve_prompts
+from LesionLocatorLib.serve.app import create_app
 from LesionLocatorLib.serve.client import (
     AuthenticationError,
-    LesionLocatorClient,
+    RemoteBackend,
     RequestRejected,
-    SessionLost,
+    ServerInternalError,
     wait_for_server,
 )
-from LesionLocatorLib.core.geometry import Volume
-from LesionLocatorLib.segment.segmenter import LesionSegmenter
-from LesionLocatorLib.model.tiny_model import write_random_checkpoint
-from LesionLocatorLib.serve.server import (
-    ServerConfig,
-    ServerConfigError,
-    add_arguments,
-    check_config,
-    config_from_args,
-    create_app,
-    run,
-)
+from LesionLocatorLib.serve.config import ServerConfig, ServerConfigError, check_config
+from LesionLocatorLib.serve.schemas import SegmentRequest
 from LesionLocatorLib.serve.sessions import SessionNotFound, SessionStore
 from LesionLocatorLib.serve.wire import (
-    MASKS_MEDIA_TYPE,
-    VOLUME_MEDIA_TYPE,
+    MEDIA_TYPE,
+    MIN_CHUNK_BYTES,
     content_hash,
-    decode_masks,
-    encode_mask_prompt,
+    decode_results,
+    encode,
+    encode_request,
     encode_volume,
 )
 
@@ -61,16 +58,16 @@ TOKEN_B = "token-B-0123456789abcdef"
 # fixtures
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
-    """A tiny random-weight package in the published layout (LesionLocatorCheckpoint/LesionLocatorSeg/
-    {point,bbox}_optimized): patch 32^3, features (2, 4, 8), fold 0; heads balanced so masks respond to prompts."""
+    """A tiny random-weight package in the published layout (point and box model, folds 0 and 1, patch 32^3);
+    heads balanced so that masks respond to prompts."""
     return write_random_checkpoint(tmp_path_factory.mktemp("ckpt"), patch_size=(32, 32, 32), spacing=(1.0, 1.0, 1.0),
-                                   features_per_stage=(2, 4, 8), n_blocks_per_stage=(1, 1, 1), seed=0)
+                                   features_per_stage=(2, 4, 8), n_blocks_per_stage=(1, 1, 1), folds=(0, 1), seed=0)
 
 
 @pytest.fixture(scope="module")
-def reference(checkpoint):
-    """The in-process segmenter every server answer is compared with."""
-    return LesionSegmenter.from_checkpoint(checkpoint, prompt_type=["point", "box"], device="cpu", folds=(0,))
+def local(checkpoint):
+    """The in-process backend every server answer is compared with (default settings)."""
+    return open_backend(model=str(checkpoint), device="cpu")
 
 
 def free_port() -> int:
@@ -86,7 +83,7 @@ class ThreadServer:
         import uvicorn
 
         self.app = create_app(cfg)
-        self.state = self.app.state
+        self.state = self.app.state.ll
         self.url = f"http://127.0.0.1:{cfg.port}"
         self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=cfg.port, log_level="warning"))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
@@ -99,8 +96,7 @@ class ThreadServer:
 
 
 def start(checkpoint, **kw) -> ThreadServer:
-    cfg = ServerConfig(checkpoint=str(checkpoint), device="cpu", port=free_port(), **kw)
-    return ThreadServer(cfg)
+    return ThreadServer(ServerConfig(checkpoint=str(checkpoint), device="cpu", port=free_port(), **kw))
 
 
 @pytest.fixture(scope="module")
@@ -120,15 +116,11 @@ def ct(shape=(36, 44, 40), seed=0, dtype=np.int16, spacing=(1.5, 0.9, 0.9)) -> V
     return Volume(arr.astype(dtype), spacing=spacing, origin=(10.0, -20.0, 5.0))
 
 
-def full(res):
-    return {k: v.full(res.shape) for k, v in res.lesions.items()}
-
-
 def assert_same(remote, local):
-    assert set(remote.lesions) == set(local.lesions)
+    assert list(remote.lesions) == list(local.lesions)
     for lid, les in local.lesions.items():
         r = remote.lesions[lid]
-        assert r.status == les.status
+        assert r.status is les.status and r.lesion_id == lid
         np.testing.assert_array_equal(r.full(local.shape), les.full(local.shape))
 
 
@@ -138,25 +130,32 @@ def raw(srv, method, path, token=TOKEN_A, client_key="k1", **kw):
         headers["Authorization"] = f"Bearer {token}"
     if client_key is not None:
         headers["X-LesionLocator-Client"] = client_key
-    return requests.request(method, srv.url + path, headers=headers, timeout=30, **kw)
+    return requests.request(method, srv.url + path, headers=headers, timeout=60, **kw)
 
 
 def raw_session(srv, token=TOKEN_A, client_key="k1", vol=None):
     sid = raw(srv, "POST", "/v1/sessions", token, client_key).json()["session_id"]
     if vol is not None:
         r = raw(srv, "PUT", f"/v1/sessions/{sid}/image", token, client_key, data=encode_volume(vol),
-                headers={"Content-Type": VOLUME_MEDIA_TYPE})
+                headers={"Content-Type": MEDIA_TYPE})
         assert r.status_code == 200, r.text
     return sid
 
 
+def serve_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    return parser
+
+
 # ----------------------------------------------------------------------------------------
-# configuration
+# configuration (lesionlocator serve's options)
 def test_public_address_needs_a_token(checkpoint, tmp_path):
     with pytest.raises(ServerConfigError, match="without a token"):
         check_config(ServerConfig(checkpoint=str(checkpoint), host="0.0.0.0"))
-    with pytest.raises(ServerConfigError, match="at least 16"):
-        check_config(ServerConfig(checkpoint=str(checkpoint), host="0.0.0.0", tokens=("short",)))
+    for bad in ("short", "x" * 15 + " y", "tökentökentökentöken"):
+        with pytest.raises(ServerConfigError, match="at least 16"):
+            check_config(ServerConfig(checkpoint=str(checkpoint), host="0.0.0.0", tokens=(bad,)))
     check_config(ServerConfig(checkpoint=str(checkpoint), host="0.0.0.0", tokens=(TOKEN_A,)))  # accepted
     check_config(ServerConfig(checkpoint=str(checkpoint), host="::1"))
     with pytest.raises(ServerConfigError, match="go together"):
@@ -164,35 +163,31 @@ def test_public_address_needs_a_token(checkpoint, tmp_path):
     with pytest.raises(ServerConfigError, match="not found"):
         check_config(ServerConfig(checkpoint=str(checkpoint), tls_cert=str(tmp_path / "c.pem"),
                                   tls_key=str(tmp_path / "k.pem")))
-    parser = argparse.ArgumentParser()
-    add_arguments(parser)
+    parser = serve_parser()
     # run() refuses before binding anything
     assert run(parser.parse_args(["-m", str(checkpoint), "--host", "0.0.0.0", "--port", "1"])) == 2
     tf = tmp_path / "tokens"
-    tf.write_text(f"# clients\n{TOKEN_A}\n\n{TOKEN_B}\n")
+    tf.write_text(f"\ufeff# clients\n{TOKEN_A}\n\n{TOKEN_B}\n", encoding="utf-8")  # a byte-order mark is dropped
     cfg = config_from_args(parser.parse_args(["-m", str(checkpoint), "--token-file", str(tf), "--folds", "0,1"]))
-    assert cfg.tokens == (TOKEN_A, TOKEN_B) and cfg.folds == (0, 1)
+    assert cfg.tokens == (TOKEN_A, TOKEN_B) and cfg.folds == [0, 1]
+    assert config_from_args(parser.parse_args([])).folds is None  # the library default, as in-process
     (tmp_path / "empty").write_text("# nothing\n")
-    with pytest.raises(ServerConfigError, match="no token"):
+    with pytest.raises(ValueError, match="no token"):
         config_from_args(parser.parse_args(["-m", str(checkpoint), "--token-file", str(tmp_path / "empty")]))
+    assert run(parser.parse_args(["--token-file", str(tmp_path / "missing"), "--port", "1"])) == 2
+    assert run(parser.parse_args(["--folds", "0,x", "--port", "1"])) == 2
 
 
 def test_run_fails_cleanly_before_binding(checkpoint, tmp_path, capsys):
-    parser = argparse.ArgumentParser()
-    add_arguments(parser)
+    parser = serve_parser()
     port = str(free_port())
     assert run(parser.parse_args(["-m", str(tmp_path / "missing"), "--port", port])) == 2
     assert "not found" in capsys.readouterr().err
     (tmp_path / "empty_dir").mkdir()
     assert run(parser.parse_args(["-m", str(tmp_path / "empty_dir"), "--port", port])) == 2
-    assert "no segmentation model" in capsys.readouterr().err
-    from LesionLocatorLib.model.bundled import BundledModelMissing, default_checkpoint
-
-    try:
-        default_checkpoint()
-    except BundledModelMissing:  # without -m the bundled model is served; absent, that is a clear error
-        assert run(parser.parse_args(["--port", port])) == 2
-        assert "no checkpoint given" in capsys.readouterr().err
+    assert "lesionlocator serve:" in capsys.readouterr().err
+    assert run(parser.parse_args(["-m", str(checkpoint), "--folds", "7", "--port", port])) == 2
+    assert "fold" in capsys.readouterr().err
     if not torch.cuda.is_available():
         assert run(parser.parse_args(["-m", str(checkpoint), "--device", "cuda", "--port", port])) == 2
         assert "CUDA" in capsys.readouterr().err
@@ -201,11 +196,14 @@ def test_run_fails_cleanly_before_binding(checkpoint, tmp_path, capsys):
 # ----------------------------------------------------------------------------------------
 # auth, version, OpenAPI
 def test_every_request_needs_the_token(srv):
-    for method, path in [("GET", "/v1/health"), ("GET", "/v1/version"), ("POST", "/v1/sessions"),
-                         ("GET", "/openapi.json"), ("GET", "/docs"), ("POST", "/v1/sessions/x/segment")]:
+    for method, path, kw in [("GET", "/v1/health", {}), ("GET", "/v1/version", {}), ("POST", "/v1/sessions", {}),
+                             ("GET", "/openapi.json", {}), ("GET", "/docs", {}),
+                             ("POST", "/v1/sessions/x/segment", {"data": b"not json"}),
+                             ("POST", "/v1/sessions/x/image/reuse", {"data": b"{"}),
+                             ("PUT", "/v1/sessions/x/image", {"data": b"LLW2"})]:
         for token in (None, "wrong-token-0123456789", TOKEN_A[:-1], TOKEN_A + "x", ""):
-            r = raw(srv, method, path, token=token)
-            assert r.status_code == 401, (method, path, token)
+            r = raw(srv, method, path, token=token, **kw)
+            assert r.status_code == 401, (method, path, token, r.text)
             assert r.json()["error"] == "unauthorized"
             assert r.headers["www-authenticate"] == "Bearer"
     r = raw(srv, "GET", "/v1/health", headers={"Authorization": f"Basic {TOKEN_A}"}, token=None)
@@ -213,121 +211,181 @@ def test_every_request_needs_the_token(srv):
     assert raw(srv, "GET", "/v1/health").status_code == 200
     assert raw(srv, "GET", "/v1/health", token=TOKEN_B).status_code == 200
     with pytest.raises(AuthenticationError, match="401"):
-        LesionLocatorClient(srv.url, token="wrong-token-0123456789")
+        RemoteBackend(srv.url, token="wrong-token-0123456789")
     with pytest.raises(AuthenticationError):
-        LesionLocatorClient(srv.url)
+        RemoteBackend(srv.url)
 
 
-def test_version_capabilities_and_openapi(srv):
+def test_version_settings_and_openapi(srv, local):
     info = raw(srv, "GET", "/v1/version").json()
-    assert info["protocol"] == 1 and info["server"] == "lesionlocator"
+    assert info["protocol"] == 2 and info["server"] == "lesionlocator"
     assert set(info["prompt_types"]) == {"point", "box", "mask"}
-    assert info["device"] == "cpu" and "cpu" in info["devices"]
-    assert info["models"]["point"].startswith("point_optimized@")
-    assert info["models"]["box"].startswith("bbox_optimized@")
-    assert info["auth"] is True and info["max_upload_bytes"] == 2**20
+    settings_ = info["settings"]  # the model's own settings, as the local backend describes them
+    expected = {k: v for k, v in local.describe().items() if k not in ("backend", "checkpoint")}
+    assert {k: settings_[k] for k in expected} == expected
+    assert settings_["folds"] == {"point": [0, 1], "box": [0, 1]} and settings_["default_folds"] is None
+    assert info["tracking"] == {"propagation": "classical", "refine": "segment"}
+    assert "cpu" in info["devices"] and info["auth"] is True and info["max_upload_bytes"] == 2**20
+    with RemoteBackend(srv.url, token=TOKEN_A, folds=1, tta=True) as b:
+        d = b.describe()
+        assert d["backend"] == "remote" and d["url"] == srv.url and d["kinds"] == ["point", "box"]
+        assert d["requested_folds"] == [1] and d["requested_tta"] is True
     spec = raw(srv, "GET", "/openapi.json").json()
     paths = spec["paths"]
-    for p in ["/v1/health", "/v1/version", "/v1/sessions", "/v1/sessions/{session_id}",
-              "/v1/sessions/{session_id}/image", "/v1/sessions/{session_id}/image/reuse",
-              "/v1/sessions/{session_id}/segment", "/v1/sessions/{session_id}/track",
-              "/v1/sessions/{session_id}/undo"]:
-        assert p in paths, p
-    assert VOLUME_MEDIA_TYPE in json.dumps(paths["/v1/sessions/{session_id}/image"])
-    assert MASKS_MEDIA_TYPE in json.dumps(paths["/v1/sessions/{session_id}/segment"])
-    assert "SegmentRequest" in spec["components"]["schemas"]
+    assert set(paths) == {"/v1/health", "/v1/version", "/v1/sessions", "/v1/sessions/{session_id}",
+                          "/v1/sessions/{session_id}/image", "/v1/sessions/{session_id}/image/reuse",
+                          "/v1/sessions/{session_id}/segment", "/v1/sessions/{session_id}/track"}
+    seg = json.dumps(paths["/v1/sessions/{session_id}/segment"])
+    assert MEDIA_TYPE in seg and "probabilities" in seg and "folds" in seg
     assert spec["components"]["securitySchemes"]["bearer"]["scheme"] == "bearer" and spec["security"]
+    assert "swagger" in raw(srv, "GET", "/docs").text.lower()
 
 
 # ----------------------------------------------------------------------------------------
-# the round trip, against the in-process segmenter
-def test_round_trip_equals_in_process(srv, reference):
+# the round trip, against the in-process backend
+def test_round_trip_equals_in_process(srv, local):
     vol = ct(seed=1)
-    reference.set_image(vol)
-    with LesionLocatorClient(srv.url, token=TOKEN_A) as c:
-        c.set_image(vol)
-        assert c.uploads == 1
-        clicks = [dict(points={1: (18, 22, 20)}), dict(points={1: (17.4, 20.6, 19)}),
-                  dict(boxes={2: (10, 26, 12, 30, 10, 28)}),
-                  dict(points={3: (5, 5, 5)}, boxes={4: (0, 8, 30, 44, 0, 9)})]
+    ls = local.session()
+    ls.set_image(vol)
+    m = np.zeros(vol.shape, bool)
+    m[14:22, 18:26, 16:24] = True
+    labels = np.zeros(vol.shape, np.uint16)
+    labels[5:12, 5:15, 5:12] = 7
+    labels[20:30, 25:35, 20:30] = 70000 % 65536
+    lps, ras = vol.voxel_to_world((18, 22, 20)), vol.voxel_to_world((12, 20, 15), ras=True)
+    clicks = [
+        dict(points={1: (18, 22, 20)}), dict(points={1: (17.4, 20.6, 19)}),
+        dict(boxes={2: (10, 26, 12, 30, 10, 28)}),
+        dict(points={3: (5, 5, 5)}, boxes={4: (0, 8, 30, 44, 0, 9)}),
+        dict(points={300: [(18, 22, 20), (8, 10, 9)]}),  # several points of one lesion: masks united
+        dict(points={5: (18, 22, 20)}, boxes={5: (10, 26, 12, 30, 10, 28)}),  # a box replaces its points
+        dict(masks={7: m}), dict(masks={8: m}, boxes={8: (0, 8, 30, 44, 0, 9)}),  # a mask wins
+        dict(points={9: lps}, space="lps"), dict(points={10: ras}, space="ras"),
+        dict(prompts={11: [Point((18.0, 22.0, 20.0))], 70000: Box((10, 26, 12, 30, 10, 28))}),  # ids kept
+        dict(prompts=labels),  # an instance label map: one mask prompt per id
+    ]
+    with RemoteBackend(srv.url, token=TOKEN_A) as backend:
+        rs = backend.session()
+        rs.set_image(vol)
+        assert backend.uploads == 1
         masks = []
         for click in clicks:
-            remote = c.segment(**click)
-            local = reference.segment(**click)
-            assert_same(remote, local)
-            assert c.last_request_bytes < 4096, "a click must send < 4 KB"
+            remote, here = rs.segment(**click), ls.segment(**click)
+            assert_same(remote, here)
+            assert backend.last_request_bytes < 4096, "a click must send < 4 KB"
             masks.append({k: v.full(vol.shape) for k, v in remote.lesions.items()})
         # the comparison means something: masks are neither empty nor the whole image, and follow the click
-        assert all(0 < m.sum() < m.size / 2 for m in masks[0].values())
+        assert all(0 < mk.sum() < mk.size / 2 for mk in masks[0].values())
         assert not np.array_equal(masks[0][1], masks[1][1])
-        # the pasted state is the union of all answers, like merging the in-process results
-        assert sorted(c.lesions) == [1, 2, 3, 4]
-        assert any(not les.empty for les in c.lesions.values())
+        assert not np.array_equal(masks[4][300], masks[0][1])  # two points give more than one
         # probabilities on request: exact float32 on the lesion's box, as in-process
-        remote = c.segment(points={1: (18, 22, 20)}, return_probabilities=True)
-        local = reference.segment(points={1: (18, 22, 20)}, return_probabilities=True)
-        assert remote.lesions[1].bbox == local.lesions[1].bbox
-        np.testing.assert_array_equal(remote.lesions[1].probability, local.lesions[1].probability)
-        np.testing.assert_array_equal(remote.label_map(), local.label_map())
-        # world-coordinate prompts, converted on the server with the uploaded geometry
-        lps = vol.voxel_to_world((18, 22, 20))
-        assert_same(c.segment(points={5: lps}, space="lps"), reference.segment(points={5: lps}, space="lps"))
-        ras = vol.voxel_to_world((12, 20, 15), ras=True)
-        assert_same(c.segment(points={6: ras}, space="ras"), reference.segment(points={6: ras}, space="ras"))
-        # a mask prompt travels as a packed crop
-        m = np.zeros(vol.shape, bool)
-        m[14:22, 18:26, 16:24] = True
-        assert_same(c.segment(masks={7: m}), reference.segment(masks={7: m}))
-        # the reply holds only the changed lesion; it is pasted over the others
-        before = {k: v for k, v in c.lesions.items() if k != 1}
-        r = c.segment(points={1: (20, 22, 20)})
-        assert list(r.lesions) == [1]
-        assert c.last_response_bytes < 4096
-        for k, v in before.items():
-            assert c.lesions[k] is v
-        np.testing.assert_array_equal(c.lesions[1].full(vol.shape),
-                                      reference.segment(points={1: (20, 22, 20)}).lesions[1].full(vol.shape))
+        remote = rs.segment(points={1: (18, 22, 20)}, return_probabilities=True)
+        here = ls.segment(points={1: (18, 22, 20)}, return_probabilities=True)
+        assert remote.lesions[1].bbox == here.lesions[1].bbox
+        np.testing.assert_array_equal(remote.lesions[1].probability, here.lesions[1].probability)
+        np.testing.assert_array_equal(remote.label_map(), here.label_map())
+        # a bad prompt fails the same way on both sides, before anything is sent
+        for bad in (dict(points={1: (99, 0, 0)}), dict(boxes={1: (5, 5, 0, 5, 0, 5)}), dict(points={0: (1, 1, 1)})):
+            with pytest.raises(PromptError) as e_local:
+                ls.segment(**bad)
+            with pytest.raises(PromptError) as e_remote:
+                rs.segment(**bad)
+            assert str(e_local.value) == str(e_remote.value)
+        key = backend._http.headers["X-LesionLocator-Client"]
+        info = raw(srv, "GET", f"/v1/sessions/{rs.session_id}", client_key=key).json()
+        assert info["uploads"] == 1 and info["requests"] >= len(clicks)
+        sid = rs.session_id
+    # closing the backend deletes its server session
+    assert raw(srv, "GET", f"/v1/sessions/{sid}", client_key=key).status_code == 404
 
-        # undo twice: lesion 1 goes back to its previous click (18, 22, 20), then the mask lesion 7 disappears
-        u = c.undo()
-        assert list(u.lesions) == [1]
-        np.testing.assert_array_equal(c.lesions[1].full(vol.shape),
-                                      reference.segment(points={1: (18, 22, 20)}).lesions[1].full(vol.shape))
-        u = c.undo()
-        assert u.lesions[7].status == "removed" and 7 not in c.lesions
-        # the server's state and the client's pasted state agree
-        client_map = c.label_map()
-        server_state = c.fetch_results()
-        np.testing.assert_array_equal(server_state.label_map(), client_map)
-        key = c._http.headers["X-LesionLocator-Client"]
-        info = raw(srv, "GET", f"/v1/sessions/{c.session_id}", client_key=key).json()
-        assert info["uploads"] == 1 and info["lesions"] == [1, 2, 3, 4, 5, 6]
+
+def test_settings_travel_with_every_request(srv, checkpoint):
+    """folds and TTA are the request's: equal settings give equal masks; folds the server lacks are a 4xx."""
+    vol = ct(seed=2)
+    click = dict(points={1: (18, 22, 20)}, boxes={2: (10, 26, 12, 30, 10, 28)})
+    for folds, tta in [(None, True), ([0], False)]:
+        here = open_backend(model=str(checkpoint), device="cpu", folds=folds, tta=tta).session()
+        here.set_image(vol)
+        with RemoteBackend(srv.url, token=TOKEN_A, folds=folds, tta=tta) as b:
+            rs = b.session()
+            rs.set_image(vol)
+            assert_same(rs.segment(**click), here.segment(**click))
+    # this server loaded fold 0 only (its default); fold 1 exists on disk, fold 5 does not
+    for folds, word in [([1], r"loaded.*--folds"), ([0, 5], r"fold\(s\) \[5\] missing")]:
+        with RemoteBackend(srv.url, token=TOKEN_A, folds=folds) as b:
+            rs = b.session()
+            rs.set_image(vol)
+            with pytest.raises(RequestRejected, match=word) as ei:
+                rs.segment(**click)
+            assert ei.value.status == 422
+    # a server that loads every fold runs any of them per request, exactly as in-process
+    s = start(checkpoint, folds="all", warmup=False)
+    try:
+        for folds in ([1], [0, 1]):
+            here = open_backend(model=str(checkpoint), device="cpu", folds=folds).session()
+            here.set_image(vol)
+            with RemoteBackend(s.url, folds=folds) as b:
+                rs = b.session()
+                rs.set_image(vol)
+                assert_same(rs.segment(**click), here.segment(**click))
+    finally:
+        s.stop()
+
+
+def test_progress_and_cancel_behave_as_in_process(srv, local):
+    vol = ct(seed=3)
+    ls = local.session()
+    ls.set_image(vol)
+    with RemoteBackend(srv.url, token=TOKEN_A) as b:
+        rs = b.session()
+        rs.set_image(vol)
+        calls = {"local": [], "remote": []}
+        for name, s in (("local", ls), ("remote", rs)):
+            s.segment(points={4: (18, 22, 20), 2: (10, 10, 10)}, progress=lambda f, m, n=name: calls[n].append((f, m)))
+        assert calls["local"] == calls["remote"] and calls["remote"][-1] == (1.0, "done")
+        cancel = threading.Event()
+        seen = []
+
+        def progress(f, m):
+            seen.append(m)
+            cancel.set()  # cancelled during the first lesion: the second never runs
+
+        for s in (ls, rs):
+            cancel.clear()
+            seen.clear()
+            with pytest.raises(Cancelled):
+                s.segment(points={1: (18, 22, 20), 2: (10, 10, 10)}, progress=progress, cancel=cancel)
+            assert seen == ["lesion 1 (1/2)"]
 
 
 def test_reupload_of_the_same_scan_is_skipped(srv):
     vol, other = ct(seed=2), ct(seed=3)
-    with LesionLocatorClient(srv.url, token=TOKEN_A) as c:
-        h = c.set_image(vol)
-        first = c.last_request_bytes
-        assert first > 10_000
+    with RemoteBackend(srv.url, token=TOKEN_A) as b:
+        s = b.session()
+        s.set_image(vol)
+        h = s.image_hash
+        assert b.last_request_bytes > 10_000 and b.last_upload["raw_mb_per_s"] > 0
         # same scan again (a copy, even): only a small reuse request travels
-        assert c.set_image(Volume(vol.array.copy(), vol.spacing, vol.origin, vol.direction)) == h
-        assert c.uploads == 1 and c.last_request_bytes < 1000
-        c.set_image(other)
-        c.set_image(vol)  # back to the first scan: still held by the session
-        assert c.uploads == 2
-        key = c._http.headers["X-LesionLocator-Client"]
-        info = raw(srv, "GET", f"/v1/sessions/{c.session_id}", client_key=key).json()
+        s.set_image(Volume(vol.array.copy(), vol.spacing, vol.origin, vol.direction))
+        assert s.image_hash == h and b.uploads == 1 and b.last_request_bytes < 1000
+        s.set_image(other)
+        s.set_image(vol)  # back to the first scan: still held by the session
+        assert b.uploads == 2
+        # another session of the same client reuses the upload too
+        s2 = b.session()
+        s2.set_image(vol)
+        assert b.uploads == 2
+        key = b._http.headers["X-LesionLocator-Client"]
+        info = raw(srv, "GET", f"/v1/sessions/{s.session_id}", client_key=key).json()
         assert info["uploads"] == 2 and info["reuses"] == 2 and info["image"] == h
-        # a changed voxel is another scan
         changed = Volume(vol.array.copy(), vol.spacing, vol.origin, vol.direction)
-        changed.array[0, 0, 0] += 1
-        c.set_image(changed)
-        assert c.uploads == 3
+        changed.array[0, 0, 0] += 1  # a changed voxel is another scan
+        s.set_image(changed)
+        assert b.uploads == 3
     # another client never reuses this client's upload (isolation): it must upload its own copy
-    with LesionLocatorClient(srv.url, token=TOKEN_B) as c2:
-        c2.set_image(vol)
-        assert c2.uploads == 1
+    with RemoteBackend(srv.url, token=TOKEN_B) as b2:
+        b2.session().set_image(vol)
+        assert b2.uploads == 1
 
 
 # ----------------------------------------------------------------------------------------
@@ -340,10 +398,8 @@ def test_isolation_between_clients(srv):
     # other token, or same token from another client: the session does not exist for them
     for token, key in [(TOKEN_B, "alice"), (TOKEN_A, "mallory"), (TOKEN_B, None)]:
         for method, path, kw in [("GET", f"/v1/sessions/{sid}", {}),
-                                 ("GET", f"/v1/sessions/{sid}/results", {}),
                                  ("POST", f"/v1/sessions/{sid}/segment",
                                   {"json": {"prompts": {"1": {"point": [1, 1, 1]}}}}),
-                                 ("POST", f"/v1/sessions/{sid}/undo", {}),
                                  ("POST", f"/v1/sessions/{sid}/image/reuse", {"json": {"hash": content_hash(vol)}}),
                                  ("PUT", f"/v1/sessions/{sid}/image", {"data": encode_volume(ct(seed=5))}),
                                  ("DELETE", f"/v1/sessions/{sid}", {})]:
@@ -354,11 +410,20 @@ def test_isolation_between_clients(srv):
         own = raw_session(srv, token, key)
         r = raw(srv, "POST", f"/v1/sessions/{own}/image/reuse", token, key, json={"hash": content_hash(vol)})
         assert r.status_code == 404 and r.json()["error"] == "image_not_cached"
-    # the owner's session is intact: still one result, one history entry
     info = raw(srv, "GET", f"/v1/sessions/{sid}", TOKEN_A, "alice").json()
-    assert info["lesions"] == [1] and info["history"] == 1 and info["uploads"] == 1
+    assert info["uploads"] == 1 and info["requests"] == 1
     assert raw(srv, "DELETE", f"/v1/sessions/{sid}", TOKEN_A, "alice").status_code == 200
     assert raw(srv, "GET", f"/v1/sessions/{sid}", TOKEN_A, "alice").status_code == 404
+
+
+def _header(data: bytes) -> tuple:
+    hlen = struct.unpack_from("<I", data, 4)[0]
+    return json.loads(data[8:8 + hlen]), data[8 + hlen:]
+
+
+def _join(header: dict, rest: bytes) -> bytes:
+    body = json.dumps(header).encode()
+    return b"LLW2" + struct.pack("<I", len(body)) + body + rest
 
 
 def test_bad_uploads(srv):
@@ -372,35 +437,31 @@ def test_bad_uploads(srv):
     assert r.status_code == 413 and r.json()["error"] == "payload_too_large"
     r = put(iter([big[i:i + 65536] for i in range(0, len(big), 65536)]))
     assert r.status_code == 413 and "limit" in r.json()["message"]
-    # truncated, corrupt, garbage, empty
+    # truncated, corrupt, garbage, empty, the old protocol's stream, a container of another kind
+    header, rest = _header(good)
     for data, word in [(good[: len(good) // 2], "truncated"), (good[:-4], "truncated"), (b"", "truncated"),
-                       (b"GIF89a" + b"\0" * 100, "magic"),
+                       (b"GIF89a" + b"\0" * 100, "magic"), (b"LLV1" + good[4:], "magic"),
                        (good[:-100] + bytes([good[-100] ^ 0xFF]) + good[-99:], "corrupt|hash|frame"),
-                       (good[:8] + b"{" * 50 + good[58:], "header")]:
+                       (good[:8] + b"{" * 50 + good[58:], "JSON"),
+                       (encode_request({"prompts": {}}), "expected a volume")]:
         r = put(data)
         assert r.status_code == 400, (word, r.text)
-        body = r.json()
-        assert body["error"] == "bad_payload"
-        assert re.search(word, body["message"]), body["message"]
-    # wrong dtype / shape in an otherwise well-formed stream
-    hlen = struct.unpack_from("<I", good, 4)[0]
-    header = json.loads(good[8:8 + hlen])
+        assert r.json()["error"] == "bad_payload" and re.search(word, r.json()["message"]), r.json()
+    geo = header["volume"]
     for key, val, word in [("dtype", "<c8", "voxel type"), ("dtype", "<i8", "voxel type"), ("shape", [36, 44], "shape"),
-                           ("shape", [0, 44, 40], "shape"), ("raw_nbytes", 12, "raw_nbytes"),
-                           ("spacing", [1, -1, 1], "geometry")]:
-        h = json.dumps(dict(header, **{key: val})).encode()
-        r = put(b"LLV1" + struct.pack("<I", len(h)) + h + good[8 + hlen:])
+                           ("shape", [0, 44, 40], "shape"), ("spacing", [1, -1, 1], "geometry")]:
+        r = put(_join(dict(header, volume=dict(geo, **{key: val})), rest))
         assert r.status_code == 400 and word in r.json()["message"], (key, r.text)
     # a declared volume larger than the cache budget is refused before allocating it
-    h = json.dumps(dict(header, shape=[4000, 4000, 4000], raw_nbytes=2 * 4000**3)).encode()
-    r = put(b"LLV1" + struct.pack("<I", len(h)) + h)
+    huge = {"dtype": "<i2", "shape": [4000, 4000, 4000]}
+    r = put(_join(dict(header, volume=dict(geo, **huge), arrays=[huge], raw_nbytes=2 * 4000**3), b""))
     assert r.status_code == 413
-    # the client knows the limits from the capabilities and stops early with a clear message
-    with LesionLocatorClient(srv.url, token=TOKEN_A) as c:
+    # the client knows the limits from /version and stops early with a clear message
+    with RemoteBackend(srv.url, token=TOKEN_A) as b:
+        s = b.session()
         with pytest.raises(RequestRejected, match="upload limit of 1 MiB"):
-            c.set_image(Volume(np.random.default_rng(0).integers(-1000, 1000, (40, 100, 200)).astype(np.int16)))
-        assert c.image is None and c.uploads == 0
-    # after all that the session has no image, and a good upload still works
+            s.set_image(Volume(np.random.default_rng(0).integers(-1000, 1000, (40, 100, 200)).astype(np.int16)))
+        assert s.image_hash is None and b.uploads == 0
     assert raw(srv, "GET", f"/v1/sessions/{sid}").json()["uploads"] == 0
     assert put(good).status_code == 200
 
@@ -411,8 +472,8 @@ def test_bad_requests(srv):
     post = lambda path, **kw: raw(srv, "POST", f"/v1/sessions/{sid}/{path}", **kw)  # noqa: E731
     r = post("segment", json={"prompts": {"1": {"point": [1, 1, 1]}}})
     assert r.status_code == 409 and r.json()["error"] == "no_image"
-    r = post("undo")
-    assert r.status_code == 409
+    for gone in ("undo", "results"):  # one undo: the client's; the server keeps no history
+        assert raw(srv, "POST", f"/v1/sessions/{sid}/{gone}").status_code in (404, 405)
     raw(srv, "PUT", f"/v1/sessions/{sid}/image", data=encode_volume(vol))
     cases = [
         ({"prompts": {"1": {"point": [36, 5, 5]}}}, 422, "outside"),
@@ -423,20 +484,20 @@ def test_bad_requests(srv):
         ({"prompts": {"1": {"box_ras": [[1e5, 0, 0], [1e5 + 1, 1, 1]]}}}, 422, ""),
         ({"prompts": {"0": {"point": [1, 1, 1]}}}, 422, "pattern"),
         ({"prompts": {"01": {"point": [1, 1, 1]}}}, 422, "pattern"),
-        ({"prompts": {"1": {"point": ["1", 1, 1]}}}, 422, "valid number"),
-        ({"prompts": {"1": {"box": [0.0, 1, 0, 1, 0, 1]}}}, 422, "valid integer"),
-        ({"prompts": {"-3": {"point": [1, 1, 1]}}}, 422, ""),
-        ({"prompts": {"x": {"point": [1, 1, 1]}}}, 422, ""),
-        ({"prompts": {"1": {"point": [1, 1]}}}, 422, ""),
-        ({"prompts": {"1": {"point": [1, 1, "a"]}}}, 422, ""),
+        ({"prompts": {"4294967296": {"point": [1, 1, 1]}}}, 422, "2^31"),
+        ({"prompts": {"1": {"point": ["a", 1, 1]}}}, 422, "numbers"),
+        ({"prompts": {"1": {"box": [0.5, 1, 0, 1, 0, 1]}}}, 422, "integers"),
+        ({"prompts": {"1": {"point": [1, 1]}}}, 422, "[z, y, x]"),
         ({"prompts": {"1": {"point": [1, 1, 1], "box": [0, 1, 0, 1, 0, 1]}}}, 422, "exactly one"),
         ({"prompts": {"1": {}}}, 422, "exactly one"),
-        ({"prompts": {}}, 422, ""),
+        ({"prompts": {"1": []}}, 422, "empty"),
+        ({"prompts": {"1": {"mask": {"bbox": [0, 2, 0, 2, 0, 2], "array": 0}}}}, 422, "mask"),  # no crop sent
+        ({"prompts": {}}, 422, "prompts"),
         ({}, 422, "prompts"),
         ({"prompts": {"1": {"point": [1, 1, 1]}}, "evil": 1}, 422, "Extra inputs"),
+        ({"prompts": {"1": {"point": [1, 1, 1]}}, "folds": [-1]}, 422, "folds"),
+        ({"prompts": {"1": {"point": [1, 1, 1]}}, "tta": "yes"}, 422, "tta"),
         ({"prompts": {"1": {"point": [1, 1, 1]}}, "image": "0" * 64}, 409, "not held"),
-        ({"prompts": {"1": {"mask": {"bbox": [0, 2, 0, 2, 0, 2], "data": "!!"}}}}, 422, "base64"),
-        ({"prompts": {"1": {"mask": encode_mask_prompt(np.ones((40, 44, 40), bool))}}}, 422, "outside"),
     ]
     for body, status, word in cases:
         r = post("segment", json=body)
@@ -444,11 +505,11 @@ def test_bad_requests(srv):
         assert word in r.json()["message"], (body, r.json())
     # NaN / Infinity are not JSON; a non-JSON body is a 422 with a message
     for data in [b'{"prompts": {"1": {"point": [NaN, 1, 1]}}}', b'{"prompts": {"1": {"point": [Infinity, 1, 1]}}}',
-                 b"not json", b"", b"[]", b'{"prompts": {"1": {"point": [1, 1, 1]}}'[:-5]]:
+                 b"not json", b"", b"[]", b'{"prompts": {"1": {"point": [1, 1, 1]}}'[:-5], b"[" * 100_000]:
         r = post("segment", data=data, headers={"Content-Type": "application/json"})
-        assert r.status_code == 422, (data, r.text)
+        assert r.status_code == 422, (data[:40], r.text)
         assert r.json()["message"]
-    # JSON bodies have their own cap (here the 1 MiB upload cap is lower): declared, and chunked
+    # request bodies have their own cap (here the 1 MiB upload cap is lower): declared, and chunked
     huge = b'{"prompts": {"1": {"point": [1, 1, 1]}}, "pad": "' + b"x" * (2**20 + 10) + b'"}'
     r = post("segment", data=huge, headers={"Content-Type": "application/json"})
     assert r.status_code == 413 and "exceeds the limit" in r.json()["message"]
@@ -459,22 +520,66 @@ def test_bad_requests(srv):
     assert r.status_code == 404 and r.json()["message"]
     r = raw(srv, "POST", "/v1/sessions/not-a-session/segment", json={"prompts": {"1": {"point": [1, 1, 1]}}})
     assert r.status_code == 404 and r.json()["error"] == "unknown_session"
-    # none of it changed the session
-    assert raw(srv, "GET", f"/v1/sessions/{sid}").json()["history"] == 0
+    assert raw(srv, "GET", f"/v1/sessions/{sid}").json()["requests"] == 0  # none of it ran
+
+
+def test_mask_prompts_in_the_container(srv, local):
+    """Mask prompts travel as crops in the wire request container; malformed ones are refused with a 4xx."""
+    vol = ct(seed=8)
+    sid = raw_session(srv, vol=vol)
+    send = lambda data: raw(srv, "POST", f"/v1/sessions/{sid}/segment", data=data,  # noqa: E731
+                            headers={"Content-Type": MEDIA_TYPE})
+    m = np.zeros(vol.shape, bool)
+    m[10:20, 12:24, 14:22] = True
+    arrays: list = []
+    body = {"prompts": prompts_to_json({3: Mask(m)}, arrays)}
+    r = send(encode_request(body, arrays))
+    assert r.status_code == 200, r.text
+    here = local.session()
+    here.set_image(vol)
+    got = decode_results(r.content).results[0]
+    np.testing.assert_array_equal(got[3].full(vol.shape), here.segment(masks={3: m}).lesions[3].full(vol.shape))
+    crop = arrays[0]
+    bad = [
+        (encode_request({"prompts": {"3": {"mask": {"bbox": [10, 20, 12, 24, 14, 22], "array": 1}}}}, arrays),
+         422, "mask reference"),
+        (encode_request({"prompts": {"3": {"mask": {"bbox": [10, 20, 12, 24, 14, 23], "array": 0}}}}, arrays),
+         422, "does not fit"),
+        (encode_request({"prompts": {"3": {"mask": {"bbox": [30, 40, 12, 24, 14, 22], "array": 0}}}}, arrays),
+         422, "outside"),
+        (encode_request({"prompts": {"3": {"mask": {"bbox": [10, 20, 12, 24, 14, 22], "array": 0}}}},
+                        [np.zeros_like(crop)]), 422, "empty"),
+        (encode("volume", [crop], {}), 400, "expected a request"),
+        (encode("request", [crop], {"nope": 1}), 400, "JSON request"),
+        (encode_request(body, arrays)[:-6], 400, "truncated"),
+    ]
+    for data, status, word in bad:
+        r = send(data)
+        assert r.status_code == status, (word, r.text)
+        assert word in r.json()["message"], r.json()
+    # a decompression bomb in a mask prompt: refused from its declared sizes, never inflated
+    import zstandard as zstd
+
+    frame = zstd.ZstdCompressor(level=19).compress(b"\xff" * (64 * 2**20))
+    header = {"kind": "request", "protocol": 2, "request": body, "arrays": [{"dtype": "bits", "shape": list(crop.shape)}],
+              "raw_nbytes": (crop.size + 7) // 8, "chunk_bytes": MIN_CHUNK_BYTES}
+    r = send(_join(header, struct.pack("<I", len(frame)) + frame + struct.pack("<I", 0)))
+    assert r.status_code == 400 and "declares" in r.json()["message"]
+    big = dict(header, arrays=[{"dtype": "bits", "shape": [2**20, 2**20, 64]}], raw_nbytes=2**20 * 2**20 * 8)
+    r = send(_join(big, b""))
+    assert r.status_code == 413
 
 
 def test_inference_crash_is_500_and_the_server_keeps_serving(srv):
-    """An image the model cannot resample (1 voxel at 0.1 mm) makes inference fail inside the segmenter."""
-    with LesionLocatorClient(srv.url, token=TOKEN_A) as c:
-        c.set_image(Volume(np.full((1, 1, 1), 5, np.int16), spacing=(0.1, 0.1, 0.1)))
-        from LesionLocatorLib.serve.client import ServerInternalError
-
-        with pytest.raises(ServerInternalError, match="500.*too small") as ei:
-            c.segment(points={1: (0, 0, 0)})
+    """An image the model cannot resample (1 voxel at 0.1 mm) makes inference fail inside the library."""
+    with RemoteBackend(srv.url, token=TOKEN_A) as b:
+        s = b.session()
+        s.set_image(Volume(np.full((1, 1, 1), 5, np.int16), spacing=(0.1, 0.1, 0.1)))
+        with pytest.raises(ServerInternalError) as ei:
+            s.segment(points={1: (0, 0, 0)})
         assert ei.value.status == 500 and ei.value.code == "inference_failed"
-        assert c.lesions == {}
-        c.set_image(ct(seed=8))
-        assert c.segment(points={1: (10, 10, 10)}).lesions[1].status in ("found", "not found")
+        s.set_image(ct(seed=8))
+        assert s.segment(points={1: (10, 10, 10)}).lesions[1].status in tuple(LesionStatus)
 
 
 # ----------------------------------------------------------------------------------------
@@ -494,10 +599,11 @@ def test_session_store_expiry_eviction_and_budget():
     assert store.evicted == 1
     vol = Volume(np.zeros((10, 10, 10), np.int16))  # 2000 bytes
     store.add_image(a, "h1", vol)
+    assert store.live_keys() == {(a.id, "h1")}
     store.add_image(c, "h2", vol)  # over budget: a (older) is evicted
     with pytest.raises(SessionNotFound):
         store.get(a.id, "a")
-    assert store.total_bytes() <= 3000
+    assert store.total_bytes() <= 3000 and store.live_keys() == {(c.id, "h2")}
     with pytest.raises(Exception, match="cache budget"):
         store.add_image(c, "h3", Volume(np.zeros((20, 20, 20), np.int16)))
     now[0] = 100  # idle past the timeout
@@ -509,67 +615,67 @@ def test_session_store_expiry_eviction_and_budget():
 
 
 def test_server_expires_idle_sessions_and_bounds_memory(checkpoint):
-    s = start(checkpoint, session_ttl_s=1.0, max_cache_mb=0.35)
+    s = start(checkpoint, session_ttl_s=1.0, max_cache_mb=0.35, warmup=False)
     try:
         vol_a, vol_b = ct(seed=10), ct(seed=11)  # ~0.12 MiB each
-        c1 = LesionLocatorClient(s.url)
-        c1.set_image(vol_a)
-        c1.segment(points={1: (10, 10, 10)})
-        sid1 = c1.session_id
+        b1 = RemoteBackend(s.url)
+        s1 = b1.session()
+        s1.set_image(vol_a)
+        first = s1.segment(points={1: (10, 10, 10)})
+        sid1 = s1.session_id
         time.sleep(1.6)
-        key = c1._http.headers["X-LesionLocator-Client"]
+        key = b1._http.headers["X-LesionLocator-Client"]
         r = requests.get(f"{s.url}/v1/sessions/{sid1}", headers={"X-LesionLocator-Client": key}, timeout=10)
         assert r.status_code == 404
-        # the client notices the lost session, re-creates it and re-uploads the image once
-        c1.segment(points={1: (12, 10, 10)})
-        assert c1.session_id != sid1 and c1.uploads == 2
+        # the client notices the lost session, re-creates it and re-uploads the image once; same answer
+        again = s1.segment(points={1: (10, 10, 10)})
+        assert s1.session_id != sid1 and b1.uploads == 2
+        assert_same(again, first)
         # memory budget: three 0.12 MiB scans from three clients cannot all stay
-        clients = [c1] + [LesionLocatorClient(s.url) for _ in range(2)]
-        clients[1].set_image(vol_b)
-        clients[2].set_image(ct(seed=12))
-        assert s.state.store.total_bytes() <= 0.35 * 2**20
-        assert s.state.store.evicted >= 1
-        with pytest.raises(SessionLost):
-            clients[0].undo()  # undo history does not survive eviction, and is not silently replaced
+        others = [RemoteBackend(s.url) for _ in range(2)]
+        others[0].session().set_image(vol_b)
+        others[1].session().set_image(ct(seed=12))
+        assert s.state.store.total_bytes() <= 0.35 * 2**20 and s.state.store.evicted >= 1
         # a click still works: the client re-uploads transparently
-        assert clients[0].segment(points={1: (10, 10, 10)}).lesions[1] is not None
+        assert s1.segment(points={1: (10, 10, 10)}).lesions[1] is not None
         with pytest.raises(RequestRejected, match="larger than the server's image cache"):
-            clients[1].set_image(ct(shape=(40, 80, 80), seed=13))  # 0.49 MiB > 0.35 MiB
-        for c in clients:
-            c.close()
+            others[0].session().set_image(ct(shape=(40, 80, 80), seed=13))  # 0.49 MiB > 0.35 MiB
+        # per-image sessions on the model side follow the store: evicted images are dropped there too
+        s1.segment(points={1: (12, 10, 10)})
+        assert set(s.state.service._sessions) <= s.state.store.live_keys() | {(s1.session_id, s1.image_hash)}
+        for b in [b1, *others]:
+            b.close()
     finally:
         s.stop()
 
 
 # ----------------------------------------------------------------------------------------
 # concurrency: several clients at once, one model thread
-def test_concurrent_clients_get_their_own_results(srv, reference):
+def test_concurrent_clients_get_their_own_results(srv, local):
     vols = [ct(seed=20 + i) for i in range(4)]
     clicks = [(10 + i, 15 + i, 12 + 2 * i) for i in range(4)]
     expected = []
+    ls = local.session()
     for v, p in zip(vols, clicks):
-        reference.set_image(v)
-        expected.append(reference.segment(points={1: p}, boxes={2: (2, 12, 3, 20, 4, 30)}))
+        ls.set_image(v)
+        expected.append(ls.segment(points={1: p}, boxes={2: (2, 12, 3, 20, 4, 30)}))
 
     def work(i):
-        with LesionLocatorClient(srv.url, token=(TOKEN_A, TOKEN_B)[i % 2]) as c:
-            c.set_image(vols[i])
-            out = []
-            for _ in range(3):
-                out.append(c.segment(points={1: clicks[i]}, boxes={2: (2, 12, 3, 20, 4, 30)}))
-            return out
+        with RemoteBackend(srv.url, token=(TOKEN_A, TOKEN_B)[i % 2]) as b:
+            s = b.session()
+            s.set_image(vols[i])
+            return [s.segment(points={1: clicks[i]}, boxes={2: (2, 12, 3, 20, 4, 30)}) for _ in range(3)]
 
     with ThreadPoolExecutor(4) as pool:
-        results = list(pool.map(work, range(4), timeout=120))
+        results = list(pool.map(work, range(4), timeout=180))
     for exp, got in zip(expected, results):
         for r in got:
             assert_same(r, exp)
-    # all model work happened on one persistent thread
-    assert len(srv.state.worker.thread_ids) == 1
+    assert len(srv.state.worker.thread_ids) == 1  # all model work happened on one persistent thread
 
 
 # ----------------------------------------------------------------------------------------
-# property-based fuzz of request bodies
+# property-based fuzz of request bodies: the server agrees with the library's own parser
 json_leaf = st.one_of(st.none(), st.booleans(), st.integers(-10**6, 10**6),
                       st.floats(allow_nan=False, allow_infinity=False, width=32), st.text(max_size=8))
 json_any = st.recursive(json_leaf, lambda ch: st.one_of(st.lists(ch, max_size=4),
@@ -580,6 +686,7 @@ prompt_entry = st.one_of(
     st.fixed_dictionaries({"point": st.lists(coord, min_size=2, max_size=4)}),
     st.fixed_dictionaries({"box": st.lists(coord, min_size=5, max_size=7)}),
     st.fixed_dictionaries({"point_lps": st.lists(coord, min_size=3, max_size=3)}),
+    st.lists(st.fixed_dictionaries({"point": st.lists(st.integers(0, 30), min_size=3, max_size=3)}), max_size=3),
     st.dictionaries(st.sampled_from(["point", "box", "mask", "zz"]), json_any, max_size=2),
     json_any,
 )
@@ -587,45 +694,20 @@ segment_body = st.one_of(
     json_any,
     st.fixed_dictionaries({"prompts": st.dictionaries(st.one_of(st.integers(-3, 4).map(str), st.text(max_size=3)),
                                                       prompt_entry, max_size=3)},
-                          optional={"image": st.text(max_size=70), "x": json_any}),
+                          optional={"tta": st.booleans(), "x": json_any}),
 )
-FUZZ_SHAPE = (36, 44, 40)
-
-
-def is_valid_segment_body(body) -> bool:
-    """Independent statement of what the server must accept (for the fuzz oracle)."""
-    if not isinstance(body, dict) or set(body) - {"prompts", "image"} or "image" in body:
-        return False
-    prompts = body.get("prompts")
-    if not isinstance(prompts, dict) or not prompts:
-        return False
-    for key, entry in prompts.items():
-        if not (isinstance(key, str) and re.fullmatch(r"[1-9][0-9]{0,9}", key) and int(key) < 2**31):
-            return False
-        if not isinstance(entry, dict) or len(entry) != 1:
-            return False
-        (kind, val), = entry.items()
-        nums = isinstance(val, list) and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in val)
-        if kind == "point":
-            if not (nums and len(val) == 3 and all(-0.5 <= v <= n - 0.5 for v, n in zip(val, FUZZ_SHAPE))):
-                return False
-        elif kind == "box":
-            if not (nums and len(val) == 6 and all(isinstance(v, int) for v in val)):
-                return False
-            if not all(0 <= val[2 * a] < val[2 * a + 1] <= FUZZ_SHAPE[a] for a in range(3)):
-                return False
-        elif kind == "point_lps":
-            if not (nums and len(val) == 3):
-                return False
-            vox = FUZZ_VOL.world_to_voxel(val)
-            if not all(-0.5 <= v <= n - 0.5 for v, n in zip(vox, FUZZ_SHAPE)):
-                return False
-        else:
-            return False
-    return True
-
-
 FUZZ_VOL = ct(seed=30)
+
+
+def library_accepts(body) -> bool:
+    """The oracle: the request schema, then the library's one prompt parser and validation."""
+    try:
+        req = SegmentRequest.model_validate(body)
+        for lid, entry in req.prompts.items():
+            resolve_prompts(FUZZ_VOL, parse_prompts({lid: entry}, FUZZ_VOL, []), None, None, None, "voxel")
+    except (ValueError, PromptError):
+        return False
+    return True
 
 
 @pytest.fixture(scope="module")
@@ -639,9 +721,9 @@ def fuzz_session(srv):
 def test_fuzz_segment_bodies(srv, fuzz_session, body):
     r = raw(srv, "POST", f"/v1/sessions/{fuzz_session}/segment", TOKEN_A, "fuzzer", json=body)
     assert r.status_code < 500, r.text
-    assert (r.status_code == 200) == is_valid_segment_body(body), (body, r.status_code, r.text[:300])
+    assert (r.status_code == 200) == library_accepts(body), (body, r.status_code, r.text[:300])
     if r.status_code == 200:
-        assert set(decode_masks(r.content).lesions) == {int(k) for k in body["prompts"]}
+        assert set(decode_results(r.content).results[0]) == {int(k) for k in body["prompts"]}
     else:
         assert r.json()["message"]
 
@@ -649,56 +731,50 @@ def test_fuzz_segment_bodies(srv, fuzz_session, body):
 @settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow,
                                                                   HealthCheck.function_scoped_fixture])
 @given(junk=st.binary(max_size=400), cut=st.integers(0, 2000),
-       path=st.sampled_from(["image", "image/reuse", "segment"]))
+       path=st.sampled_from(["image", "image/reuse", "segment", "track"]))
 def test_fuzz_binary_and_other_endpoints(srv, fuzz_session, junk, cut, path):
     good = encode_volume(ct(shape=(6, 7, 8)))
     method = "PUT" if path == "image" else "POST"
     for data in (junk, good[:cut] + junk):
         if data == good:
             continue
-        r = raw(srv, method, f"/v1/sessions/{fuzz_session}/{path}", TOKEN_A, "fuzzer", data=data,
-                headers={"Content-Type": "application/json"} if method == "POST" else {})
-        assert r.status_code < 500, r.text
-        assert r.status_code != 200, r.text
-        assert r.json()["message"]
+        for ctype in ("application/json", MEDIA_TYPE):
+            r = raw(srv, method, f"/v1/sessions/{fuzz_session}/{path}", TOKEN_A, "fuzzer", data=data,
+                    headers={"Content-Type": ctype})
+            assert r.status_code < 500, r.text
+            assert r.status_code != 200, r.text
+            assert r.json()["message"]
     assert raw(srv, "GET", "/v1/health").status_code == 200
 
 
-def test_track_round_trip_equals_in_process(srv, checkpoint):
-    from LesionLocatorLib.core.prompts import Mask, Point
-    from LesionLocatorLib.track.tracker import LesionTracker
-
-    info = raw(srv, "GET", "/v1/version").json()
-    assert info["tracking"] is True, info["unavailable"]
-    # the tiny package has no LesionLocatorTrack model: classical registration refined by the segmenter
-    assert info["tracking_method"] == {"propagation": "classical", "refine": "segment"}
+# ----------------------------------------------------------------------------------------
+# tracking through the server equals in-process tracking
+def test_track_round_trip_equals_in_process(srv, local):
     base, fu1, fu2 = lung_ct(1), lung_ct(2, 2), lung_ct(3, 4)
-    seg = LesionSegmenter.from_checkpoint(checkpoint, prompt_type=["point", "box"], device="cpu")
-    local = LesionTracker(None, segmenter=seg, device="cpu")
-    expected = local.track(base, [fu1, fu2], {1: Point((15.0, 24.0, 22.0))})
-    with LesionLocatorClient(srv.url, token=TOKEN_A) as c:
-        got = c.track(base, [fu1, fu2], points={1: (15, 24, 22)})
-        assert len(got) == 2
-        for g, e in zip(got, expected):
-            assert_same(g, e)
-        assert_same(c.baseline_result, local.baseline_result)
-        assert any(not les.empty for les in got[0].lesions.values())
-        # the tracked follow-up is now the client's image, with its masks pasted
-        assert c.image_hash == content_hash(fu2) and set(c.lesions) == {1}
-        # track the masks the client drew on the baseline (no prompts in the request)
-        c.set_image(base)  # the session holds the baseline masks of the tracking: the client pastes them
-        assert set(c.lesions) == {1}
-        assert_same(c.result(), local.track(base, [fu1], {1: Point((15.0, 24.0, 22.0))}) and local.baseline_result)
-        c.segment(boxes={4: (8, 22, 14, 34, 12, 32)})
-        drawn = {lid: Mask(les.full(base.shape).astype(bool)) for lid, les in c.lesions.items()}
-        got = c.track(base, [fu1])
-        exp = local.track(base, [fu1], drawn)
-        assert set(exp[0].lesions) == {1, 4}
-        assert_same(got[0], exp[0])
+    m = np.zeros(base.shape, bool)
+    m[10:20, 18:30, 16:28] = True
+    with RemoteBackend(srv.url, token=TOKEN_A) as b:
+        here, there = local.tracker(), b.tracker()
+        for t in (here, there):
+            t.set_images(base, [fu1, fu2])
+        for kw in (dict(points={1: (15, 24, 22)}), dict(masks={4: m}, boxes={300: (8, 22, 14, 34, 12, 32)}),
+                   dict(points={1: (15, 24, 22)}, from_baseline=True)):
+            exp, got = here.track(**kw), there.track(**kw)
+            assert len(got.followups) == 2
+            for g, e in zip(got.timepoints, exp.timepoints):
+                assert_same(g, e)
+            assert got.report().to_dict() == exp.report().to_dict()
+        assert any(les.found for les in got.followups[0].lesions.values())
         # a scan of another modality / field of view is refused with the tracker's message
-        with pytest.raises(RequestRejected, match="422.*same modality"):
-            c.track(base, [Volume(np.full((30, 48, 44), 100, np.int16), spacing=(2.0, 1.0, 1.0))],
-                    points={1: (15, 24, 22)})
+        other = Volume(np.full((30, 48, 44), 100, np.int16), spacing=(2.0, 1.0, 1.0))
+        there.set_images(base, [other])
+        with pytest.raises(RequestRejected) as ei:
+            there.track(points={1: (15, 24, 22)})
+        assert ei.value.status == 422
+        sid = there.session_id
+        there.close()
+        key = b._http.headers["X-LesionLocator-Client"]
+        assert raw(srv, "GET", f"/v1/sessions/{sid}", client_key=key).status_code == 404
 
 
 def test_bad_track_requests(srv):
@@ -709,18 +785,17 @@ def test_bad_track_requests(srv):
     post = lambda b: raw(srv, "POST", f"/v1/sessions/{sid}/track", TOKEN_A, "tracker", json=b)  # noqa: E731
     for bad, status in [(dict(body, followups=[]), 422), (dict(body, use_results=True), 422),
                         ({k: v for k, v in body.items() if k != "prompts"}, 422), (dict(body, baseline="x"), 422),
-                        (dict(body, followups=["0" * 64]), 409),
-                        (dict(body, prompts={"1": {"point": [99, 5, 5]}}), 422),
-                        ({k: v for k, v in body.items() if k != "prompts"} | {"use_results": True}, 409)]:
+                        (dict(body, followups=["0" * 64]), 409), (dict(body, propagation="magic"), 422),
+                        (dict(body, prompts={"1": {"point": [99, 5, 5]}}), 422)]:
         r = post(bad)
         assert r.status_code == status, (bad, r.text)
         assert r.json()["message"]
-    assert raw(srv, "GET", f"/v1/sessions/{sid}", TOKEN_A, "tracker").json()["lesions"] == []
+    assert raw(srv, "GET", f"/v1/sessions/{sid}", TOKEN_A, "tracker").json()["requests"] == 0
 
 
 def test_stalled_upload_is_dropped(checkpoint):
     """A client that stops sending mid-upload gets a 408 and frees its upload slot."""
-    s = start(checkpoint, upload_idle_timeout_s=0.5)
+    s = start(checkpoint, upload_idle_timeout_s=0.5, warmup=False)
     try:
         sid = requests.post(f"{s.url}/v1/sessions", timeout=10).json()["session_id"]
         data = encode_volume(ct(seed=50))
@@ -736,7 +811,6 @@ def test_stalled_upload_is_dropped(checkpoint):
         assert r.status_code == 408 and r.json()["error"] == "upload_stalled"
         assert sent.is_set()
         assert requests.get(f"{s.url}/v1/sessions/{sid}", timeout=10).json()["uploads"] == 0
-        r = requests.put(f"{s.url}/v1/sessions/{sid}/image", data=data, timeout=10)
-        assert r.status_code == 200
+        assert requests.put(f"{s.url}/v1/sessions/{sid}/image", data=data, timeout=10).status_code == 200
     finally:
         s.stop()
