@@ -11,26 +11,10 @@ from typing import Iterable, Optional, Sequence
 
 import numpy as np
 
+from .boxes import EMPTY_BOX, VoxelBox, bbox_slices, tight_bbox
 from .geometry import Volume
 
-BBox = tuple[int, int, int, int, int, int]  # (z0, z1, y0, y1, x0, x1), half-open voxel indices
-
-
-def bbox_slices(bbox: BBox) -> tuple[slice, slice, slice]:
-    z0, z1, y0, y1, x0, x1 = bbox
-    return slice(z0, z1), slice(y0, y1), slice(x0, x1)
-
-
-def tight_bbox(mask: np.ndarray) -> BBox | None:
-    """Half-open bounding box of the non-zero voxels, or None when empty."""
-    out: list[int] = []
-    for axis in range(3):
-        other = tuple(a for a in range(3) if a != axis)
-        nz = np.flatnonzero(np.any(mask, axis=other))
-        if nz.size == 0:
-            return None
-        out += [int(nz[0]), int(nz[-1]) + 1]
-    return tuple(out)  # type: ignore[return-value]
+BBox = VoxelBox  # kept for the tracker until it imports VoxelBox
 
 
 class LesionStatus(str, Enum):
@@ -43,28 +27,26 @@ class LesionStatus(str, Enum):
         return self.value
 
 
-EMPTY_BBOX: BBox = (0, 0, 0, 0, 0, 0)
-
-
 @dataclass
 class LesionMask:
     """One lesion's mask on an image grid, stored as a crop."""
 
     lesion_id: int
-    bbox: BBox
+    bbox: VoxelBox
     mask: np.ndarray  # bool, shape of the bbox
     probability: np.ndarray | None = None  # float32 foreground probability on the same crop
     status: LesionStatus = LesionStatus.FOUND
     center_voxel: Optional[tuple[float, float, float]] = None  # where the prompt pointed (z, y, x)
 
     def __post_init__(self) -> None:
+        self.bbox = VoxelBox(*(int(v) for v in self.bbox))
         self.status = LesionStatus(self.status)
 
     @classmethod
     def not_found(cls, lesion_id: int, center_voxel: Optional[Sequence[float]] = None) -> "LesionMask":
         """The one way to say "this lesion is not there" (empty crop, ids never change)."""
         center = None if center_voxel is None else tuple(float(v) for v in center_voxel)
-        return cls(int(lesion_id), EMPTY_BBOX, np.zeros((0, 0, 0), bool), None, LesionStatus.NOT_FOUND,
+        return cls(int(lesion_id), EMPTY_BOX, np.zeros((0, 0, 0), bool), None, LesionStatus.NOT_FOUND,
                    center)  # type: ignore[arg-type]
 
     @property

@@ -88,7 +88,7 @@ def dice(a, b):
     ("box", Box((12, 28, 20, 30, 30, 40))),  # larger than the patch: sliding window
 ])
 def test_region_processing_equals_whole_scan(ckpt, kind, prompt):
-    seg = session(ckpt)
+    seg = session(ckpt, grow=False)  # the published tiles
     image = Volume(ct_like((60, 110, 130)), spacing=(2.0, 1.1, 0.9))
     seg.set_image(image)
     got = seg.segment({1: prompt}).mask(1)
@@ -100,13 +100,13 @@ def test_region_processing_equals_whole_scan(ckpt, kind, prompt):
 
 
 def test_tta_and_fold_averaging(ckpt):
-    seg = session(ckpt, folds="all", tta=True)
+    seg = session(ckpt, folds="all", tta=True, grow=False)
     assert len(seg.model.prompt_model("point").networks) == 2
     seg.set_image(Volume(ct_like((30, 40, 40), 3), spacing=(1.5, 1.0, 1.0)))
     got = seg.segment(points={1: (15, 20, 20)}).mask(1)
     ref, _ = whole_scan_reference(seg, Point((15, 20, 20)), "point", True, "all")
     assert ref.sum() > 50 and dice(got, ref) > 0.999
-    single = session(ckpt)
+    single = session(ckpt, grow=False)
     single.set_image(seg.image)
     assert dice(single.segment(points={1: (15, 20, 20)}).mask(1), got) < 0.999  # averaging changes the result
     # per-session settings over the same weights: fold 0 without TTA equals a one-fold model
@@ -215,7 +215,7 @@ def test_several_prompts_of_one_lesion(ckpt):
 def test_out_of_memory_fallback_is_seen_by_every_session(ckpt, monkeypatch):
     """A CUDA out-of-memory error moves the shared networks to the CPU and every session and tracker of the
     model runs on the CPU from then on (simulated: the first tile raises the error as if on CUDA)."""
-    model = LesionLocatorModel(ckpt, device="cpu")
+    model = LesionLocatorModel(ckpt, device="cpu", grow=False)  # one tile per click: two forward calls below
     a, b = model.session(), model.session()
     image = Volume(ct_like((30, 40, 40), 3), spacing=(1.5, 1.0, 1.0))
     a.set_image(image)
