@@ -1,8 +1,8 @@
-"""LesionLocatorClient against a real server in a separate process (python -m LesionLocatorLib.serve.server),
-plus its error hierarchy against small loopback HTTP servers that misbehave on purpose."""
+"""RemoteBackend against a real ``lesionlocator serve`` process on loopback: masks identical to the in-process
+backend (``open_backend(model=...)``) for every prompt kind and for tracking, learned and classical; plus the
+client's error hierarchy against small loopback HTTP servers that misbehave on purpose."""
 from __future__ import annotations
 
-import argparse
 import http.server
 import json
 import os
@@ -13,28 +13,27 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import List, Optional
 
 import numpy as np
 import pytest
 
+from LesionLocatorLib.backend import open_backend
+from LesionLocatorLib.core.geometry import Volume
+from LesionLocatorLib.core.prompts import Box, Mask, Point
+from LesionLocatorLib.model.tiny_model import write_random_checkpoint, write_random_track_checkpoint
+from LesionLocatorLib.serve.auth import read_token_file
 from LesionLocatorLib.serve.client import (
     AuthenticationError,
-    LesionLocatorClient,
     ProtocolMismatch,
+    RemoteBackend,
     RequestRejected,
     ServerError,
     ServerInternalError,
     ServerTimeout,
     ServerUnreachable,
-    add_server_arguments,
-    build_prompts,
-    client_from_args,
     wait_for_server,
 )
-from LesionLocatorLib.core.geometry import Volume
-from LesionLocatorLib.core.prompts import Box, Point
-from LesionLocatorLib.segment.segmenter import LesionSegmenter
-from LesionLocatorLib.model.tiny_model import write_random_checkpoint, write_random_track_checkpoint
 
 from conftest import lung_ct
 
@@ -51,7 +50,7 @@ def free_port() -> int:
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
     """A tiny random-weight package in the published layout with all three models: point, box and Track
-    (uniGradICON at its smallest input, 65^3, + a tiny 2-channel UNet), so the server tracks the published way."""
+    (uniGradICON at its smallest input, 65^3, + a tiny 2-channel UNet), so tracking is the published method."""
     root = tmp_path_factory.mktemp("ckpt")
     write_random_checkpoint(root, patch_size=(32, 32, 32), spacing=(1.0, 1.0, 1.0), features_per_stage=(2, 4, 8),
                             n_blocks_per_stage=(1, 1, 1), seed=1)
@@ -67,105 +66,134 @@ def ct(shape=(30, 40, 36), seed=0) -> Volume:
 
 
 class ServerProcess:
-    """``python -m LesionLocatorLib.serve.server`` as a child process on a free loopback port."""
+    """``lesionlocator serve`` (``python -m LesionLocatorLib.cli.main serve``) as a child process on a free
+    loopback port, stopped by its pid."""
 
-    def __init__(self, checkpoint: Path, tmp: Path):
+    def __init__(self, tmp: Path, checkpoint: Optional[Path], extra: List[str] = ()):  # type: ignore[assignment]
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         token_file = tmp / "tokens.txt"
         token_file.write_text(TOKEN + "\n")
+        token_file.chmod(0o600)
         env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
                    OMP_NUM_THREADS="1")
-        self.log = open(tmp / "server.log", "w")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "LesionLocatorLib.serve.server", "-m", str(checkpoint), "--host", "127.0.0.1",
-             "--port", str(self.port), "--device", "cpu", "--token-file", str(token_file), "--log-level", "warning"],
-            cwd=str(REPO), env=env, stdout=self.log, stderr=subprocess.STDOUT)
+        self.log_path = tmp / "server.log"
+        self.log = open(self.log_path, "w")
+        cmd = [sys.executable, "-m", "LesionLocatorLib.cli.main", "serve", "--host", "127.0.0.1",
+               "--port", str(self.port), "--device", "cpu", "--token-file", str(token_file), "--log-level", "warning",
+               *(["-m", str(checkpoint)] if checkpoint else []), *extra]
+        self.proc = subprocess.Popen(cmd, cwd=str(REPO), env=env, stdout=self.log, stderr=subprocess.STDOUT)
         try:
-            wait_for_server(self.url, timeout_s=90, token=TOKEN)
+            wait_for_server(self.url, timeout_s=120, token=TOKEN)
         except ServerError:
             self.stop()
-            raise AssertionError("server did not start:\n" + (tmp / "server.log").read_text()[-3000:])
+            raise AssertionError("server did not start:\n" + self.log_path.read_text()[-3000:])
 
     def stop(self) -> None:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGCONT)
-            self.proc.kill()
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
         self.proc.wait(timeout=30)
         self.log.close()
 
 
 @pytest.fixture(scope="module")
 def server(checkpoint, tmp_path_factory):
-    s = ServerProcess(checkpoint, tmp_path_factory.mktemp("srv"))
+    s = ServerProcess(tmp_path_factory.mktemp("srv"), checkpoint)
     yield s
     s.stop()
 
 
-def test_separate_process_round_trip(server, checkpoint):
+def assert_same(remote, local):
+    assert list(remote.lesions) == list(local.lesions)
+    for lid, les in local.lesions.items():
+        assert remote.lesions[lid].status is les.status
+        np.testing.assert_array_equal(remote.lesions[lid].full(local.shape), les.full(local.shape))
+
+
+def test_real_server_segments_exactly_as_in_process(server, checkpoint):
     vol = ct(seed=1)
-    ref = LesionSegmenter.from_checkpoint(checkpoint, prompt_type=["point", "box"], device="cpu")
-    ref.set_image(vol)
-    with LesionLocatorClient(server.url, token=TOKEN) as c:
-        assert c.capabilities["protocol"] == 1 and c.capabilities["auth"] is True
-        c.set_image(vol)
-        c.set_image(vol)
-        assert c.uploads == 1  # the second set_image only named the hash
-        for click in [{1: (15, 20, 18)}, {1: (14, 21, 17)}, {2: (3, 4, 5)}]:
-            r = c.segment(points=click)
-            exp = ref.segment(points=click)
-            for lid in click:
-                np.testing.assert_array_equal(r.lesions[lid].full(vol.shape), exp.lesions[lid].full(vol.shape))
-        # the library's prompt objects work too (what the CLI holds after parsing a prompt file)
-        r = c.segment_prompts({3: Box((2, 10, 5, 30, 5, 30)), 4: Point((20.0, 20.0, 20.0))})
-        exp = ref.segment_prompts({3: Box((2, 10, 5, 30, 5, 30)), 4: Point((20.0, 20.0, 20.0))})
-        np.testing.assert_array_equal(r.label_map(), exp.label_map())
-        c.undo()
-        assert sorted(c.lesions) == [1, 2]
-        np.testing.assert_array_equal(c.lesions[1].full(vol.shape),
-                                      ref.segment(points={1: (14, 21, 17)}).lesions[1].full(vol.shape))
-        with pytest.raises(RequestRejected, match="outside the image"):
-            c.segment(points={5: (99, 0, 0)})
-        assert sorted(c.lesions) == [1, 2]
+    m = np.zeros(vol.shape, bool)
+    m[10:20, 12:26, 10:24] = True
+    here = open_backend(model=str(checkpoint), device="cpu").session()
+    here.set_image(vol)
+    with open_backend(server=server.url, token=TOKEN) as backend:
+        assert backend.describe()["tracking"] == {"propagation": "learned", "refine": "unet"}
+        s = backend.session()
+        s.set_image(vol)
+        s.set_image(vol)
+        assert backend.uploads == 1  # the second set_image only named the hash
+        for click in [dict(points={1: (15, 20, 18)}), dict(boxes={2: (2, 10, 5, 30, 5, 30)}), dict(masks={3: m}),
+                      dict(points={4: [(15, 20, 18), (5, 8, 9)]}), dict(points={5: (15, 20, 18)}, boxes={5: (2, 10, 5, 30, 5, 30)}),
+                      dict(prompts={6: Point((20.0, 20.0, 20.0)), 900: [Box((2, 10, 5, 30, 5, 30)), Mask(m)]})]:
+            got, exp = s.segment(**click), here.segment(**click)
+            assert_same(got, exp)
+            assert any(les.found for les in got.lesions.values())
 
 
-def test_separate_process_learned_tracking(server, checkpoint):
-    """With a LesionLocatorTrack model the server tracks the published way (registration net + Track UNet),
-    and its answer equals the in-process LesionTracker's."""
-    from LesionLocatorLib.track.tracker import LesionTracker
-
+def test_real_server_tracks_exactly_as_in_process(server, checkpoint):
+    """With a LesionLocatorTrack model: registration net + Track UNet, autoregressive and from the baseline."""
     base, fu1, fu2 = lung_ct(1), lung_ct(2, 2), lung_ct(3, 3)
-    local = LesionTracker.from_checkpoint(checkpoint, device="cpu")
-    assert (local.propagation, local.refine) == ("learned", "unet")
-    expected = local.track(base, [fu1, fu2], {1: Point((15.0, 24.0, 22.0)), 2: Box((10, 20, 16, 32, 14, 30))})
-    with LesionLocatorClient(server.url, token=TOKEN) as c:
-        assert c.capabilities["tracking_method"] == {"propagation": "learned", "refine": "unet"}
-        assert c.capabilities["models"]["track"].startswith("LesionLocatorTrack@")
-        got = c.track(base, [fu1, fu2], points={1: (15, 24, 22)}, boxes={2: (10, 20, 16, 32, 14, 30)})
-    for g, e in zip(got, expected):
-        assert set(g.lesions) == set(e.lesions) == {1, 2}
-        for lid in e.lesions:
-            assert g.lesions[lid].status == e.lesions[lid].status
-            np.testing.assert_array_equal(g.lesions[lid].full(g.shape), e.lesions[lid].full(e.shape))
-    assert any(not les.empty for les in got[-1].lesions.values())
+    local = open_backend(model=str(checkpoint), device="cpu").tracker()
+    local.set_images(base, [fu1, fu2])
+    with open_backend(server=server.url, token=TOKEN) as backend:
+        remote = backend.tracker()
+        remote.set_images(base, [fu1, fu2])
+        for kw in (dict(points={1: (15, 24, 22)}, boxes={2: (10, 20, 16, 32, 14, 30)}),
+                   dict(points={1: (15, 24, 22)}, from_baseline=True)):
+            got, exp = remote.track(**kw), local.track(**kw)
+            for g, e in zip(got.timepoints, exp.timepoints):
+                assert_same(g, e)
+            assert got.report().to_dict() == exp.report().to_dict()
+        assert any(les.found for les in got.followups[-1].lesions.values())
+
+
+def test_bundled_model_classical_tracking_and_default_settings(tmp_path):
+    """``lesionlocator serve`` without -m serves the bundled model; tracking is classical propagation refined by
+    the segmentation model, and default settings on both sides give the same masks."""
+    srv = ServerProcess(tmp_path, None)
+    try:
+        base, fu = lung_ct(6), lung_ct(7, 2)
+        local = open_backend(device="cpu")
+        with open_backend(server=srv.url, token=TOKEN) as backend:
+            d = backend.describe()
+            assert d["tracking"] == {"propagation": "classical", "refine": "segment"}
+            assert d["kinds"] == local.describe()["kinds"]
+            s, ls = backend.session(), local.session()
+            s.set_image(base)
+            ls.set_image(base)
+            assert_same(s.segment(points={3: (15, 24, 22)}), ls.segment(points={3: (15, 24, 22)}))
+            t, lt = backend.tracker(), local.tracker()
+            t.set_images(base, [fu])
+            lt.set_images(base, [fu])
+            got, exp = t.track(points={3: (15, 24, 22)}), lt.track(points={3: (15, 24, 22)})
+            for g, e in zip(got.timepoints, exp.timepoints):
+                assert_same(g, e)
+            assert got.report().to_dict() == exp.report().to_dict()
+    finally:
+        srv.stop()
 
 
 def test_server_killed_mid_request(checkpoint, tmp_path):
     """Freeze the server (SIGSTOP) so the request is surely in flight, then kill it."""
-    srv = ServerProcess(checkpoint, tmp_path)
+    srv = ServerProcess(tmp_path, checkpoint, ["--no-warmup"])
     try:
         vol = ct(seed=2)
         original = vol.array.copy()
-        c = LesionLocatorClient(srv.url, token=TOKEN, timeout=(5, 60))
-        c.set_image(vol)
-        c.segment(points={1: (10, 10, 10)})
-        before = {k: (v.bbox, v.mask.copy()) for k, v in c.lesions.items()}
+        b = RemoteBackend(srv.url, token=TOKEN, timeout=(5, 60))
+        s = b.session()
+        s.set_image(vol)
+        s.segment(points={1: (10, 10, 10)})
         srv.proc.send_signal(signal.SIGSTOP)
         box: dict = {}
 
         def click() -> None:
             try:
-                c.segment(points={1: (12, 12, 12)}, boxes={2: (0, 5, 0, 5, 0, 5)})
+                s.segment(points={1: (12, 12, 12)}, boxes={2: (0, 5, 0, 5, 0, 5)})
             except BaseException as exc:  # noqa: BLE001 - handed to the test thread
                 box["exc"] = exc
 
@@ -179,23 +207,28 @@ def test_server_killed_mid_request(checkpoint, tmp_path):
         exc = box.get("exc")
         assert isinstance(exc, ServerUnreachable), repr(exc)
         assert srv.url in str(exc) and "lesionlocator serve" in str(exc)
-        # nothing of the caller's changed: the image array, and the pasted results
-        np.testing.assert_array_equal(vol.array, original)
-        assert {k: v.bbox for k, v in c.lesions.items()} == {k: b for k, (b, _) in before.items()}
-        for k, (_, m) in before.items():
-            np.testing.assert_array_equal(c.lesions[k].mask, m)
-        # a later call fails the same clear way (nothing is listening any more)
+        np.testing.assert_array_equal(vol.array, original)  # the caller's image is only read
         with pytest.raises(ServerUnreachable, match="is it running"):
-            c.segment(points={1: (12, 12, 12)})
+            s.segment(points={1: (12, 12, 12)})
     finally:
         srv.stop()
+
+
+def test_client_token_file(server, tmp_path):
+    tf = tmp_path / "tok"
+    tf.write_text(f"\ufeff# my token\n{TOKEN}\nsecond-token-ignored-by-a-client\n", encoding="utf-8")
+    (token,) = read_token_file(tf, first_only=True)
+    assert token == TOKEN
+    RemoteBackend(server.url, token=token).close()
+    with pytest.raises(AuthenticationError, match="token"):
+        RemoteBackend(server.url, token="nope-nope-nope-nope")
+    with pytest.raises(ValueError, match="empty"):
+        RemoteBackend("  ")
 
 
 # ----------------------------------------------------------------------------------------
 # error hierarchy against misbehaving loopback servers
 class FakeHandler(http.server.BaseHTTPRequestHandler):
-    mode = "version"
-
     def log_message(self, *a):  # keep pytest output clean
         pass
 
@@ -212,9 +245,11 @@ class FakeHandler(http.server.BaseHTTPRequestHandler):
     def do_GET(self) -> None:  # noqa: N802
         mode = self.server.mode  # type: ignore[attr-defined]
         if mode == "old_protocol":
-            self._send(200, json.dumps({"server": "lesionlocator", "protocol": 999, "version": "9.9"}).encode())
+            self._send(200, json.dumps({"server": "lesionlocator", "protocol": 1, "version": "0.1"}).encode())
         elif mode == "html":
             self._send(200, b"<html>hello</html>", "text/html")
+        elif mode == "html_error":
+            self._send(502, b"<html><body>\n" * 13 + b"</html>", "text/html")
         elif mode == "other_json":
             self._send(200, b'{"name": "some other service"}')
         elif mode == "slow":
@@ -241,57 +276,25 @@ def test_error_hierarchy(fake):
                 ServerInternalError):
         assert issubclass(cls, ServerError) and issubclass(cls, IOError)
     fake.mode = "old_protocol"
-    with pytest.raises(ProtocolMismatch, match="protocol 999.*speaks 1"):
-        LesionLocatorClient(url)
+    with pytest.raises(ProtocolMismatch, match="protocol 1.*speaks 2"):
+        RemoteBackend(url)
     for mode in ("html", "other_json"):
         fake.mode = mode
         with pytest.raises(ProtocolMismatch, match="LesionLocator server"):
-            LesionLocatorClient(url)
+            RemoteBackend(url)
+    fake.mode = "html_error"  # one line, not the page
+    with pytest.raises(ServerInternalError) as ei:
+        RemoteBackend(url)
+    assert "\n" not in str(ei.value) and "text/html" in str(ei.value)
     fake.mode = "slow"
     t0 = time.monotonic()
     with pytest.raises(ServerTimeout, match="within"):
-        LesionLocatorClient(url, timeout=(2, 0.5))
+        RemoteBackend(url, timeout=(2, 0.5))
     assert time.monotonic() - t0 < 2.5
     fake.mode = "error"
     with pytest.raises(ServerInternalError, match="503: GPU on fire") as ei:
-        LesionLocatorClient(url)
+        RemoteBackend(url)
     assert ei.value.status == 503 and ei.value.code == "busy"
-    # nothing listening on a port
     dead = f"http://127.0.0.1:{free_port()}"
     with pytest.raises(ServerUnreachable, match=f"{dead}.*is it running"):
-        LesionLocatorClient(dead, timeout=(2, 2))
-
-
-def test_build_prompts_and_cli_helper(tmp_path):
-    p = build_prompts({1: (1, 2, 3.5)}, {2: (0, 1, 0, 1, 0, 1)}, {3: np.pad(np.ones((2, 2, 2)), 1)}, "voxel")
-    assert p["1"] == {"point": [1.0, 2.0, 3.5]} and p["2"] == {"box": [0, 1, 0, 1, 0, 1]}
-    assert p["3"]["mask"]["bbox"] == [1, 3, 1, 3, 1, 3]
-    w = build_prompts({1: (1, 2, 3)}, {2: ((0, 0, 0), (5, 5, 5))}, None, "ras")
-    assert w == {"1": {"point_ras": [1.0, 2.0, 3.0]}, "2": {"box_ras": [[0.0, 0.0, 0.0], [5.0, 5.0, 5.0]]}}
-    with pytest.raises(ValueError, match="more than one prompt"):
-        build_prompts({1: (1, 2, 3)}, {1: (0, 1, 0, 1, 0, 1)}, None, "voxel")
-    with pytest.raises(ValueError, match="positive"):
-        build_prompts({0: (1, 2, 3)}, None, None, "voxel")
-    with pytest.raises(ValueError, match="at least one"):
-        build_prompts(None, None, None, "voxel")
-    with pytest.raises(ValueError, match="space"):
-        build_prompts({1: (1, 2, 3)}, None, None, "xyz")
-    with pytest.raises(ValueError, match="empty"):
-        build_prompts(None, None, {1: np.zeros((3, 3, 3))}, "voxel")
-    parser = argparse.ArgumentParser()
-    add_server_arguments(parser)
-    (tmp_path / "tok").write_text("# token\nsecret-token-value-123\n")
-    args = parser.parse_args(["--server", f"http://127.0.0.1:{free_port()}", "--server-token-file",
-                              str(tmp_path / "tok"), "--server-timeout", "3"])
-    with pytest.raises(ServerUnreachable):
-        client_from_args(args)
-
-
-def test_cli_helper_connects_with_token(server):
-    parser = argparse.ArgumentParser()
-    add_server_arguments(parser)
-    c = client_from_args(parser.parse_args(["--server", server.url, "--server-token", TOKEN]))
-    assert c.capabilities["server"] == "lesionlocator"
-    c.close()
-    with pytest.raises(AuthenticationError, match="token"):
-        client_from_args(parser.parse_args(["--server", server.url, "--server-token", "nope-nope-nope-nope"]))
+        RemoteBackend(dead, timeout=(2, 2))
