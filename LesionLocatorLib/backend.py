@@ -47,13 +47,16 @@ class LocalBackend:
 
 def open_backend(model: Union[str, os.PathLike, None] = None, server: Optional[str] = None,
                  token: Optional[str] = None, device: str = "auto", folds: Folds = None, tta: bool = False,
-                 compile: bool = False, **client_options: Any):
+                 compile: bool = False, grow: bool = True, **client_options: Any):
     """A ``LocalBackend`` over ``model`` (None: the bundled model), or with ``server`` a ``RemoteBackend``
-    that asks the server for the same folds and TTA (the server's own model and device serve it)."""
+    that asks the server for the same folds, TTA and growth (the server's own model and device serve it).
+
+    ``grow`` (default on) continues a lesion's prediction past its patch when it touches an open patch face;
+    ``grow=False`` is the published single-patch behaviour."""
     if server is not None:
         if not str(server).strip():
             raise ValueError("the server URL is empty")
         from .serve.client import RemoteBackend
 
-        return RemoteBackend(server, token=token, folds=folds, tta=tta, **client_options)
-    return LocalBackend(LesionLocatorModel(model, device=device, folds=folds, tta=tta, compile=compile))
+        return RemoteBackend(server, token=token, folds=folds, tta=tta, grow=grow, **client_options)
+    return LocalBackend(LesionLocatorModel(model, device=device, folds=folds, tta=tta, compile=compile, grow=grow))

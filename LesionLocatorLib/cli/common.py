@@ -38,10 +38,13 @@ def add_backend_arguments(p: argparse.ArgumentParser, device_default: str = "aut
     g.add_argument("--folds", type=parse_folds, default=None,
                    help="folds to ensemble: 'all' or e.g. '0,1' (default: the first fold, for speed)")
     g.add_argument("--tta", action="store_true", help="mirroring test-time augmentation (8 passes per fold)")
+    g.add_argument("--no-grow", dest="grow", action="store_false",
+                   help="predict each lesion in its published patch only; by default a lesion that touches an "
+                        "open patch face is followed into neighbouring tiles")
     g.add_argument("--device", default=None, help=f"auto, cpu, cuda, cuda:N or mps (default: {device_default})")
     g.add_argument("--compile", action="store_true", help="torch.compile the network (CUDA only; slow first click)")
     g.add_argument("--server", metavar="URL", help="run on a LesionLocator server instead of in this process "
-                                                   "(the server's model and device; --folds / --tta are sent)")
+                                                   "(the server's model and device; --folds, --tta and --no-grow are sent)")
     g.add_argument("--token", help=f"bearer token for --server (default: the environment variable {TOKEN_ENV})")
     p.set_defaults(device_default=device_default)
 
@@ -59,14 +62,14 @@ def backend_from_args(args: argparse.Namespace):
             raise UsageError(f"{', '.join(refused)} cannot be used with --server: the server's own model and "
                              "device run the request (start the server with them)")
         return open_backend(server=args.server, token=args.token or os.environ.get(TOKEN_ENV),
-                            folds=args.folds, tta=args.tta)
+                            folds=args.folds, tta=args.tta, grow=args.grow)
     if args.token:
         raise UsageError("--token is only used with --server")
     if not args.model:
         log.warning("no -m given: using the bundled DEMO model (small); for the published quality download "
                     "LesionLocatorModel.zip and pass -m")
     return open_backend(model=args.model, device=args.device or args.device_default, folds=args.folds,
-                        tta=args.tta, compile=args.compile)
+                        tta=args.tta, compile=args.compile, grow=args.grow)
 
 
 def load_prompts(path: str, image, prompt_type: Optional[str]):
