@@ -564,8 +564,15 @@ def _importable(name: str) -> bool:
         return False
 
 
+MINIMUM_PYTHON = (3, 10)  # LesionLocatorLib and its tests run on 3.10+; Slicer 5.10 and newer ship Python 3.12
+UNSUPPORTED_SLICER = ("LesionLocator needs 3D Slicer 5.10 or newer (Python 3.10+); this Slicer runs Python "
+                      f"{sys.version_info[0]}.{sys.version_info[1]} (Slicer 5.8 ships 3.9). Install a newer Slicer.")
+
+
 def missingDependencies(requirements: Optional[list[Requirement]] = None) -> list[str]:
     """Import names of the packages that are missing (torch first)."""
+    if sys.version_info[:2] < MINIMUM_PYTHON:
+        return [UNSUPPORTED_SLICER]
     missing = [] if _importable("torch") else ["torch"]
     for req in requirements if requirements is not None else parseRequirements():
         if not _importable(req.importName):
@@ -1097,6 +1104,8 @@ class LesionLocatorLogic(ScriptedLoadableModuleLogic):
         if self._backend is not None and self._backendKey == key:
             return self._backend
         self.closeBackend()
+        if self.backend == BACKEND_LOCAL and self.modelPath and not os.path.exists(self.modelPath):
+            raise LesionLocatorInputError(f"model not found: {self.modelPath}")
         try:
             from LesionLocatorLib.backend import open_backend
         except ImportError as exc:
@@ -1107,8 +1116,6 @@ class LesionLocatorLogic(ScriptedLoadableModuleLogic):
                 raise LesionLocatorInputError("enter the LesionLocator server URL")
             backend = open_backend(server=self.serverUrl, token=self.serverToken or None, folds=folds, tta=tta)
         else:
-            if self.modelPath and not os.path.exists(self.modelPath):
-                raise LesionLocatorInputError(f"model not found: {self.modelPath}")
             try:
                 backend = open_backend(model=self.modelPath or None, device=self.device, folds=folds, tta=tta)
             except Exception as exc:
@@ -1703,12 +1710,14 @@ class LesionLocatorWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             missing = [f"(cannot read requirements: {exc})"]
         if LIBRARY_ROOT is None:
             missing.append("LesionLocatorLib (broken installation: reinstall the extension)")
-        if missing:
+        if sys.version_info[:2] < MINIMUM_PYTHON:
+            self.ui.dependencyStatusLabel.text = UNSUPPORTED_SLICER
+        elif missing:
             self.ui.dependencyStatusLabel.text = ("Missing Python packages: " + ", ".join(missing)
                                                   + ". Click 'Install dependencies' (needs internet, a few minutes).")
         else:
             self.ui.dependencyStatusLabel.text = "All Python dependencies are installed."
-        self.ui.installDependenciesButton.enabled = bool(missing)
+        self.ui.installDependenciesButton.enabled = bool(missing) and sys.version_info[:2] >= MINIMUM_PYTHON
         return not missing
 
     def onInstallDependencies(self) -> None:

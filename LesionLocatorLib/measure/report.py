@@ -47,7 +47,7 @@ import math
 import os
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, Sequence, Union
 
 import numpy as np
 from scipy.spatial import ConvexHull
@@ -324,7 +324,7 @@ def recist_category(sld_mm: float, baseline_sld_mm: float, nadir_sld_mm: float, 
 
 
 # ------------------------------------------------------------------------------ building
-MaskLike = np.ndarray | LesionMask
+MaskLike = Union[np.ndarray, LesionMask]  # typing.Union: Slicer 5.8 runs Python 3.9, where `type | type` raises
 
 
 def _crop(mask: MaskLike, shape: tuple[int, int, int], where: str) -> tuple[np.ndarray, np.ndarray] | None:
