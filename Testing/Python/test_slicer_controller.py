@@ -304,7 +304,9 @@ def test_moving_a_point_resegments_only_its_lesion(rig):
     rig.logic.writeLesionMask = spy
     points = rig.state.promptPoints
     points.SetNthControlPointPositionWorld(1, *rig.ras((8, 6, 17)))
-    points.InvokeEvent(slicer.vtkMRMLMarkupsNode.PointEndInteractionEvent)  # what the markups widget fires on release
+    # on release the markups widget fires this (Slicer main, Modules/Loadable/Markups/VTKWidgets/
+    # vtkSlicerMarkupsWidget.cxx, EndWidgetInteraction: InvokeCustomModifiedEvent(PointEndInteractionEvent))
+    points.InvokeEvent(slicer.vtkMRMLMarkupsNode.PointEndInteractionEvent)
     rig.settle()
     assert rig.ctl.jobsStarted == 3
     assert written == [2]
@@ -374,12 +376,35 @@ def test_lesion_ids_start_at_one(rig):
 def test_failure_shows_one_error_and_scene_close_stops_everything(rig):
     rig.state.modelPath = "/nonexistent/model"
     rig.click_point((8, 12, 12))
+    assert rig.view.errors == [], "no dialog inside the markups callback (the mouse release could be lost)"
     rig.settle()
     assert len(rig.view.errors) == 1 and "model not found" in rig.view.errors[0]
     rig.ctl.sceneStartClose()
     assert rig.ctl._observations == [] and not rig.logic.canUndo()
     rig.ctl.cleanup()
     assert rig.loop.callback is None
+
+
+def test_track_then_report_through_the_controller(rig):
+    """Track lesions with a model that has no Track folder (the library falls back to classical propagation),
+    then the report, as the Track button does."""
+    rig.click_point((8, 12, 12))
+    rig.settle()
+    assert rig.ctl.actions()["track"] is False  # no follow-up yet
+    follow = make_volume(rig.scene, name="follow-up")
+    assert rig.ctl.addFollowUp(rig.baseline) == "The baseline cannot also be a follow-up."
+    assert rig.ctl.addFollowUp(follow) is None and rig.ctl.addFollowUp(follow) is None
+    assert rig.ctl.followUpNames() == ["follow-up"]
+    assert rig.ctl.trigger("track") is True
+    assert rig.view.progress[0] is None, "busy indicator until the job reports progress"
+    rig.settle()
+    assert rig.view.errors == []
+    assert sorted(rig.logic.lesionStatuses(follow)) == [1]
+    table = rig.state.reportTable
+    assert table is not None and table.GetNumberOfRows() >= 2
+    assert rig.ctl.actions()["exportCsv"] is True
+    assert rig.ctl.undo() == "track lesions"
+    assert rig.ctl.removeFollowUp(0) and rig.ctl.followUpNames() == []
 
 
 # ----------------------------------------------------------------------------------------------- GIL pump
