@@ -3,8 +3,8 @@
     python benchmarks/server_latency.py [--devices cpu,cuda] [--model CKPT] [--arch small|resenc-l]
                                         [--clicks 20] [--image auto|synthetic|PATH] [--json OUT]
 
-For each device: one server process (python -m LesionLocatorLib.serve.server) and one in-process
-LesionSegmenter load the same checkpoint; clicks alternate between the two (so drift in a
+For each device: one server process (python -m LesionLocatorLib.cli.main serve) and one in-process
+backend (open_backend(model=...)) load the same checkpoint; clicks alternate between the two (so drift in a
 shared machine's load hits both alike), and the figures are the medians of the per-click
 times and of their paired differences.  Also measured: bytes sent / received per click,
 and the upload of a 300 x 512 x 512 int16 CT (hash + zstd + transfer + server decode and
@@ -139,21 +139,22 @@ def pct(xs: list[float], q: float) -> float:
 
 def bench_device(device: str, ckpt: Path, vol: Volume, center: tuple[int, int, int], clicks: int,
                  upload_vols: dict[str, Volume]) -> dict:
-    from LesionLocatorLib.serve.client import LesionLocatorClient, wait_for_server
-    from LesionLocatorLib.segment.segmenter import LesionSegmenter
+    from LesionLocatorLib.backend import open_backend
+    from LesionLocatorLib.serve.client import RemoteBackend, wait_for_server
 
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     log = tempfile.NamedTemporaryFile("w+", suffix=".log", delete=False)
-    proc = subprocess.Popen([sys.executable, "-m", "LesionLocatorLib.serve.server", "-m", str(ckpt), "--port", str(port),
-                             "--device", device, "--log-level", "warning"], stdout=log, stderr=subprocess.STDOUT,
+    proc = subprocess.Popen([sys.executable, "-m", "LesionLocatorLib.cli.main", "serve", "-m", str(ckpt),
+                             "--port", str(port), "--device", device, "--log-level", "warning"], stdout=log, stderr=subprocess.STDOUT,
                             cwd=str(REPO), env=env, start_new_session=True)
     out: dict = {"device": device}
     try:
         t0 = time.perf_counter()
-        seg = LesionSegmenter.from_checkpoint(ckpt, prompt_type="point", device=device)
-        seg.warmup("point")
+        local = open_backend(model=str(ckpt), device=device)
+        local.model.warmup("point")
+        seg = local.session()
         out["inprocess_load_s"] = time.perf_counter() - t0
         deadline = time.monotonic() + 600
         while True:  # bounded: stops when the server is up, has died, or 10 minutes passed
@@ -165,29 +166,30 @@ def bench_device(device: str, ckpt: Path, vol: Volume, center: tuple[int, int, i
             except Exception:  # noqa: BLE001 - not ready yet
                 if time.monotonic() > deadline:
                     raise
-        client = LesionLocatorClient(url)
-        out["server_device"] = client.capabilities["device"]
+        backend = RemoteBackend(url)
+        client = backend.session()
+        out["server_device"] = backend.describe()["device"]
         rtt = []
         for _ in range(30):  # the HTTP floor: an authenticated no-op request on the kept-alive connection
             t = time.perf_counter()
-            client._request("GET", "/v1/health")
+            backend.request("GET", "/v1/health")
             rtt.append(time.perf_counter() - t)
         out["http_rtt_ms_median"] = 1000 * statistics.median(rtt)
 
         # -- upload --------------------------------------------------------------------
         uploads = {}
         for name, uv in upload_vols.items():
-            client.set_image(Volume(np.zeros((2, 2, 2), np.int16)))  # make sure the next one is not current
             t = time.perf_counter()
-            client.set_image(uv)
+            client.set_image(uv)  # content hash + upload (the server did not hold it)
             first = time.perf_counter() - t
-            sent = client.last_request_bytes
+            sent = backend.last_request_bytes
             t = time.perf_counter()
-            client.set_image(uv)
+            backend.session().set_image(uv)  # another session: the server holds it, only the hash travels
             again = time.perf_counter() - t
             uploads[name] = {"shape": list(uv.shape), "raw_mb": uv.array.nbytes / 1e6, "upload_s": first,
                              "sent_mb": sent / 1e6, "ratio": uv.array.nbytes / max(sent, 1),
-                             "reupload_skipped_s": again, "reupload_sent_bytes": client.last_request_bytes}
+                             "transfer_mb_per_s": backend.last_upload["raw_mb_per_s"] if backend.last_upload else 0,
+                             "reupload_skipped_s": again, "reupload_sent_bytes": backend.last_request_bytes}
         out["uploads"] = uploads
 
         # -- clicks: alternate in-process and server -------------------------------------
@@ -215,9 +217,9 @@ def bench_device(device: str, ckpt: Path, vol: Volume, center: tuple[int, int, i
             local_t.append(times[0])
             remote_t.append(times[1])
             diffs.append(times[1] - times[0])
-            sent_b.append(client.last_request_bytes)
-            recv_b.append(client.last_response_bytes)
-            server_ms.append(client.last_server_ms or 0.0)
+            sent_b.append(backend.last_request_bytes)
+            recv_b.append(backend.last_response_bytes)
+            server_ms.append(backend.last_server_ms or 0.0)
             same += int(np.array_equal(loc.lesions[1].full(vol.shape), rem.lesions[1].full(vol.shape)))
         out.update(
             clicks=len(local_t),
@@ -230,7 +232,7 @@ def bench_device(device: str, ckpt: Path, vol: Volume, center: tuple[int, int, i
             lesion_voxels=int(rem.lesions[1].voxels), lesion_bbox=list(rem.lesions[1].bbox),
             identical_masks=f"{same}/{len(local_t)}",
         )
-        client.close()
+        backend.close()
     finally:
         try:
             os.killpg(proc.pid, signal.SIGTERM)

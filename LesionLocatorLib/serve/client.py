@@ -342,11 +342,10 @@ class _ServerSession:
 
 
 def _load(image: Union[Volume, str, os.PathLike]) -> Volume:
-    if isinstance(image, Volume):
-        return image
-    from ..core.image_io import read_image
+    # read and checked exactly as in-process (finite numeric voxels, a 3D image): the same error, at the same call
+    from ..segment.predict import load_volume
 
-    return read_image(image)
+    return load_volume(image)
 
 
 def _resolve(image: Volume, prompts: Any, points: Any, boxes: Any, masks: Any, space: str) -> Dict[int, list]:
@@ -429,9 +428,13 @@ class RemoteTracker(_ServerSession):
     def set_images(self, baseline: Union[Volume, str, os.PathLike],
                    followups: Sequence[Union[Volume, str, os.PathLike]]) -> None:
         """The baseline and its follow-ups (Volumes or paths, all read first); each is uploaded once."""
+        from ..track.tracker import LesionTracker, TrackingError
+
+        if isinstance(followups, (str, os.PathLike, Volume)) or not followups:
+            raise TrackingError("give the follow-up scans as a non-empty list")
         vols = [_load(v) for v in [baseline, *followups]]
-        if len(vols) < 2:
-            raise ValueError("give at least one follow-up image")
+        # the local tracker's own check (modality, field of view), so a bad follow-up fails here as in-process
+        LesionTracker._check_compatible(vols)
         self._held = {}
         self._hashes = [self._put(v) for v in vols]
         self._images = vols

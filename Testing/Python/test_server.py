@@ -765,12 +765,22 @@ def test_track_round_trip_equals_in_process(srv, local):
                 assert_same(g, e)
             assert got.report().to_dict() == exp.report().to_dict()
         assert any(les.found for les in got.followups[0].lesions.values())
-        # a scan of another modality / field of view is refused with the tracker's message
+        # a scan of another modality / field of view is refused at set_images, with the tracker's message
+        from LesionLocatorLib.track.tracker import TrackingError
+
         other = Volume(np.full((30, 48, 44), 100, np.int16), spacing=(2.0, 1.0, 1.0))
-        there.set_images(base, [other])
-        with pytest.raises(RequestRejected) as ei:
-            there.track(points={1: (15, 24, 22)})
-        assert ei.value.status == 422
+        for t in (here, there):
+            with pytest.raises(TrackingError, match="same modality"):
+                t.set_images(base, [other])
+            with pytest.raises(TrackingError, match="non-empty list"):
+                t.set_images(base, [])
+        # and by the server itself, for clients that skip the check
+        raw(srv, "PUT", f"/v1/sessions/{there.session_id}/image", client_key=b._http.headers["X-LesionLocator-Client"],
+            data=encode_volume(other))
+        r = raw(srv, "POST", f"/v1/sessions/{there.session_id}/track", client_key=b._http.headers[
+            "X-LesionLocator-Client"], json={"baseline": content_hash(base), "followups": [content_hash(other)],
+                                             "prompts": {"1": {"point": [15, 24, 22]}}})
+        assert r.status_code == 422 and "same modality" in r.json()["message"]
         sid = there.session_id
         there.close()
         key = b._http.headers["X-LesionLocator-Client"]
