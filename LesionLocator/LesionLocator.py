@@ -1672,7 +1672,7 @@ class LesionLocatorWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.currentLesionLabel.text = f"Next prompts go to: Lesion {p.currentLesionId}"
         if p.promptPoints is not None and self.ui.promptPlaceWidget.currentNode() is not p.promptPoints:
             self.ui.promptPlaceWidget.setCurrentNode(p.promptPoints)
-        observed = {n.GetID() for n, _ in self.controller._observations if n.IsA("vtkMRMLMarkupsNode")}
+        observed = self.controller.observedPromptNodeIDs()
         wanted = {n.GetID() for n in ([p.promptPoints] if p.promptPoints else []) + self.controller.promptBoxes()}
         if observed != wanted:  # another point list was selected, or a box was added / removed
             self.controller.observePromptNodes()

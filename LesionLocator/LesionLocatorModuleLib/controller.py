@@ -100,6 +100,7 @@ class _Job:
     cancelEvent: threading.Event
     progress: Progress
     onDone: Callable[[Any], None]
+    abandoned: bool = False  # the scene was closed while it ran: its result goes nowhere, silently
 
 
 class LesionLocatorController:
@@ -211,6 +212,9 @@ class LesionLocatorController:
         # one callback per event: custom MRML events all arrive as "UserEvent" in Python observers
         self._observations.append((node, node.AddObserver(event, lambda caller, _event: callback(caller))))
 
+    def observedPromptNodeIDs(self) -> set:
+        return {node.GetID() for node, _ in self._observations if node.IsA("vtkMRMLMarkupsNode")}
+
     def removeObservers(self) -> None:
         for node, tag in self._observations:
             node.RemoveObserver(tag)
@@ -273,7 +277,7 @@ class LesionLocatorController:
     def _flushPromptChanges(self) -> None:
         self._flushScheduled = False
         ids, self._changedLesionIds = sorted(self._changedLesionIds), set()
-        if ids:
+        if ids and self.state is not None:
             self.segment(ids)
 
     # -- placing prompts ----------------------------------------------------------------------------------
@@ -312,6 +316,8 @@ class LesionLocatorController:
 
     def removeUnplacedBoxes(self) -> int:
         """Remove boxes whose placement was cancelled (not being placed right now). Returns how many."""
+        if self.state is None:
+            return 0
         interaction, selection = self.interactionNode(), self.selectionNode()
         placingId = None
         if interaction is not None and selection is not None and interaction.GetCurrentInteractionMode() == interaction.Place:
@@ -488,6 +494,11 @@ class LesionLocatorController:
     def _finishJob(self) -> None:
         job, self._job = self._job, None
         self.scheduler.stopRepeating()
+        if job.abandoned:
+            if job.future.exception() is not None:
+                logging.info("LesionLocator: a job of a closed scene ended with %r", job.future.exception())
+            self.view.stateChanged()
+            return
         try:
             result = job.future.result()
         except LL.CancelledError:
@@ -518,6 +529,8 @@ class LesionLocatorController:
     # -- scene / module lifetime ------------------------------------------------------------------------
     def sceneStartClose(self) -> None:
         self.cancel()
+        if self._job is not None:
+            self._job.abandoned = True
         self._pendingLesionIds.clear()
         self._changedLesionIds.clear()
         self.removeObservers()

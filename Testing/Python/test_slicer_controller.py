@@ -353,6 +353,22 @@ def test_job_queued_while_another_runs(rig):
     assert rig.view.errors == []
 
 
+def test_scene_closed_while_a_job_runs(rig):
+    release = threading.Event()
+    original = rig.logic.computeSegmentation
+    rig.logic.computeSegmentation = lambda job, progress=None, cancelEvent=None: (
+        release.wait(10), original(job, progress, cancelEvent))[1]
+    rig.click_point((8, 12, 12))
+    rig.loop.run_pending()
+    assert rig.ctl.busy
+    rig.ctl.sceneStartClose()  # what the widget does on StartCloseEvent
+    rig.ctl.state = None  # the widget drops its parameter node
+    rig.scene.Clear(0)
+    release.set()
+    rig.loop.run(until=lambda: not rig.ctl.busy)
+    assert rig.view.errors == [], "a closed scene's job ends silently"
+
+
 def test_shortcuts_without_baseline_do_nothing(mods):
     r = Rig(mods, None)
     try:
@@ -380,7 +396,7 @@ def test_failure_shows_one_error_and_scene_close_stops_everything(rig):
     rig.settle()
     assert len(rig.view.errors) == 1 and "model not found" in rig.view.errors[0]
     rig.ctl.sceneStartClose()
-    assert rig.ctl._observations == [] and not rig.logic.canUndo()
+    assert rig.ctl.observedPromptNodeIDs() == set() and not rig.logic.canUndo()
     rig.ctl.cleanup()
     assert rig.loop.callback is None
 
