@@ -158,10 +158,15 @@ class RemoteBackend:
         return self._track_open(RemoteTracker(self, propagation, refine))
 
     def describe(self) -> Dict[str, Any]:
+        """The server model's settings as ``LocalBackend.describe`` gives them, with the folds and TTA this
+        backend's requests run (equal settings on both backends describe alike); the server's own defaults
+        under ``server_defaults``."""
         info = self.capabilities or self.check_server()
         settings = dict(info.get("settings") or {})
+        server_defaults = {"default_folds": settings.get("default_folds"), "tta": settings.get("tta")}
         settings.update(backend="remote", url=self.url, server_version=info.get("version"),
-                        requested_folds=self.folds, requested_tta=self.tta, tracking=info.get("tracking"))
+                        default_folds=self.folds if self.folds is not None else server_defaults["default_folds"],
+                        tta=self.tta, server_defaults=server_defaults, tracking=info.get("tracking"))
         return settings
 
     def close(self) -> None:
@@ -419,9 +424,18 @@ class RemoteTracker(_ServerSession):
     """The twin of ``track.tracker.LesionTracker`` on a server: same methods, arguments and results."""
 
     def __init__(self, backend: RemoteBackend, propagation: Optional[str] = None, refine: Optional[str] = None):
+        from ..track.tracker import PROPAGATIONS, REFINES, TrackingError
+
         super().__init__(backend)
-        self.propagation = propagation
-        self.refine = refine
+        if propagation is not None and propagation not in PROPAGATIONS:
+            raise TrackingError(f"propagation must be one of {PROPAGATIONS}, got {propagation!r}")
+        if refine is not None and refine not in REFINES:
+            raise TrackingError(f"refine must be one of {REFINES}, got {refine!r}")
+        default = (backend.capabilities or {}).get("tracking") or {}
+        # as the local tracker: None resolves to the default method (learned with a Track model, else classical)
+        self.propagation = propagation or default.get("propagation")
+        self.refine = refine or default.get("refine")
+        self._asked = (propagation, refine)  # what travels: None lets the server resolve it the same way
         self._images: List[Volume] = []
         self._hashes: List[str] = []
 
@@ -454,7 +468,7 @@ class RemoteTracker(_ServerSession):
             progress(0.0, f"tracking {len(todo)} lesion(s) into {len(fus)} follow-up(s) on {self.backend.url}")
         arrays: List[np.ndarray] = []
         body = {"baseline": self._hashes[0], "followups": self._hashes[1:], "prompts": prompts_to_json(todo, arrays),
-                "from_baseline": bool(from_baseline), "propagation": self.propagation, "refine": self.refine,
+                "from_baseline": bool(from_baseline), "propagation": self._asked[0], "refine": self._asked[1],
                 **self.backend.settings_json()}
         reply = self._call(lambda sid: self.backend.post(f"{API}/sessions/{sid}/track", body, arrays))
         if reply.images != self._hashes:

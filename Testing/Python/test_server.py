@@ -229,7 +229,17 @@ def test_version_settings_and_openapi(srv, local):
     with RemoteBackend(srv.url, token=TOKEN_A, folds=1, tta=True) as b:
         d = b.describe()
         assert d["backend"] == "remote" and d["url"] == srv.url and d["kinds"] == ["point", "box"]
-        assert d["requested_folds"] == [1] and d["requested_tta"] is True
+        assert d["default_folds"] == [1] and d["tta"] is True  # what this backend's requests run
+        assert d["server_defaults"] == {"default_folds": None, "tta": False}
+        t = b.tracker()
+        assert (t.propagation, t.refine) == ("classical", "segment")  # resolved as the local tracker does
+        from LesionLocatorLib.track.tracker import TrackingError
+
+        with pytest.raises(TrackingError, match="propagation"):
+            b.tracker(propagation="magic")
+    with RemoteBackend(srv.url, token=TOKEN_A) as b:  # equal settings describe alike
+        remote = {k: v for k, v in b.describe().items() if k in local.describe() and k not in ("checkpoint", "backend")}
+        assert remote == {k: v for k, v in local.describe().items() if k in remote}
     spec = raw(srv, "GET", "/openapi.json").json()
     paths = spec["paths"]
     assert set(paths) == {"/v1/health", "/v1/version", "/v1/sessions", "/v1/sessions/{session_id}",
