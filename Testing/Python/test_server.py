@@ -625,7 +625,7 @@ def test_session_store_expiry_eviction_and_budget():
 
 
 def test_server_expires_idle_sessions_and_bounds_memory(checkpoint):
-    s = start(checkpoint, session_ttl_s=1.0, max_cache_mb=0.35, warmup=False)
+    s = start(checkpoint, session_ttl_s=2.0, warmup=False)
     try:
         vol_a, vol_b = ct(seed=10), ct(seed=11)  # ~0.12 MiB each
         b1 = RemoteBackend(s.url)
@@ -633,7 +633,7 @@ def test_server_expires_idle_sessions_and_bounds_memory(checkpoint):
         s1.set_image(vol_a)
         first = s1.segment(points={1: (10, 10, 10)})
         sid1 = s1.session_id
-        time.sleep(1.6)
+        time.sleep(3.0)
         key = b1._http.headers["X-LesionLocator-Client"]
         r = requests.get(f"{s.url}/v1/sessions/{sid1}", headers={"X-LesionLocator-Client": key}, timeout=10)
         assert r.status_code == 404
@@ -641,7 +641,15 @@ def test_server_expires_idle_sessions_and_bounds_memory(checkpoint):
         again = s1.segment(points={1: (10, 10, 10)})
         assert s1.session_id != sid1 and b1.uploads == 2
         assert_same(again, first)
-        # memory budget: three 0.12 MiB scans from three clients cannot all stay
+        b1.close()
+    finally:
+        s.stop()
+    # memory budget (a long TTL here, so that only the budget evicts): three 0.12 MiB scans cannot all stay
+    s = start(checkpoint, max_cache_mb=0.35, warmup=False)
+    try:
+        b1 = RemoteBackend(s.url)
+        s1 = b1.session()
+        s1.set_image(vol_a)
         others = [RemoteBackend(s.url) for _ in range(2)]
         others[0].session().set_image(vol_b)
         others[1].session().set_image(ct(seed=12))
