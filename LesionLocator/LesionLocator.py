@@ -25,6 +25,7 @@ import logging
 import math
 import os
 import re
+import shutil
 import sys
 import threading
 from typing import Annotated, Any, Callable, Optional, Sequence
@@ -134,6 +135,7 @@ DEVICES = ("auto", "cuda", "cpu", "mps")
 DEFAULT_SERVER_URL = "http://127.0.0.1:8765"  # `lesionlocator serve` listens on port 8765 by default
 BACKEND_LOCAL = "local"
 BACKEND_SERVER = "server"
+BACKEND_PROCESS = "process"  # a LesionLocator server the module runs on this computer, in its own process
 
 # Distinct, colour-blind friendly palette (Okabe-Ito + Tol bright); lesion k always gets the same colour.
 _PALETTE = (
@@ -706,6 +708,99 @@ else:
 # --------------------------------------------------------------------------------------------------
 # Logic
 # --------------------------------------------------------------------------------------------------
+class InferenceProcess:
+    """``python -m LesionLocatorLib.serve.server`` started by the module on 127.0.0.1 with a random token.
+
+    Torch then runs outside Slicer: a crash or an out-of-memory kill ends this process, and the next request
+    starts a new one. The token is passed in a file readable by this user only (not on the command line).
+    Inside Slicer the interpreter is PythonSlicer (on PATH there, as ``slicer.util`` relies on when it runs
+    ``python -m``), elsewhere this Python.
+    """
+
+    def __init__(self, model: Optional[str], device: str, folds, key=None, python: Optional[str] = None,
+                 startTimeout: float = 300.0) -> None:
+        self.model, self.device, self.folds, self.key = model, device, folds, key
+        self.python = python or (shutil.which("PythonSlicer") if HAVE_APPLICATION else None) or sys.executable
+        self.startTimeout = startTimeout
+        self.url = ""
+        self.token = ""
+        self._proc = None
+        self._dir = None
+
+    def command(self, port: int, tokenFile: str) -> list:
+        cmd = [self.python, "-m", "LesionLocatorLib.serve.server", "--host", "127.0.0.1", "--port", str(port),
+               "--device", self.device, "--token-file", tokenFile, "--log-level", "warning", "--no-warmup"]
+        if self.model:
+            cmd += ["-m", self.model]
+        if self.folds == "all":
+            cmd += ["--folds", "all"]
+        elif self.folds is not None:
+            cmd += ["--folds", ",".join(str(int(f)) for f in self.folds)]
+        return cmd
+
+    def start(self) -> None:
+        import secrets
+        import socket
+        import subprocess
+        import tempfile
+
+        from LesionLocatorLib.serve.client import ServerError, wait_for_server
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        self._dir = tempfile.mkdtemp(prefix="LesionLocatorProcess")  # mode 0700
+        self.token = secrets.token_urlsafe(32)
+        tokenFile = os.path.join(self._dir, "token")
+        fd = os.open(tokenFile, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(self.token + "\n")
+        env = dict(os.environ)
+        if LIBRARY_ROOT:  # LesionLocatorLib next to the module (installed) or in the checkout
+            env["PYTHONPATH"] = LIBRARY_ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        self.logPath = os.path.join(self._dir, "server.log")
+        with open(self.logPath, "w", encoding="utf-8") as log:
+            self._proc = subprocess.Popen(self.command(port, tokenFile), stdout=log, stderr=subprocess.STDOUT,
+                                          stdin=subprocess.DEVNULL, env=env, cwd=self._dir)
+        self.url = f"http://127.0.0.1:{port}"
+        import atexit
+
+        atexit.register(self.stop)  # never outlive Slicer
+        try:
+            wait_for_server(self.url, timeout_s=self.startTimeout, token=self.token)
+        except ServerError as exc:
+            tail = self.logTail()
+            self.stop()
+            raise RuntimeError("the LesionLocator inference process did not start: " + str(exc)
+                               + ("\n" + tail if tail else "")) from exc
+
+    def alive(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def logTail(self, chars: int = 2000) -> str:
+        try:
+            with open(self.logPath, encoding="utf-8", errors="replace") as f:
+                return f.read()[-chars:].strip()
+        except (OSError, AttributeError):
+            return ""
+
+    def stop(self) -> None:
+        import subprocess
+
+        if self._proc is not None:
+            if self._proc.poll() is None:
+                self._proc.terminate()
+                try:
+                    self._proc.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    self._proc.kill()
+                    self._proc.wait(timeout=10)
+            self._proc = None
+        if self._dir:
+            shutil.rmtree(self._dir, ignore_errors=True)
+            self._dir = None
+
+
 @dataclasses.dataclass
 class SegmentJob:
     """Everything the worker needs to segment lesions on one volume (no MRML objects inside)."""
@@ -760,6 +855,7 @@ class LesionLocatorLogic(ScriptedLoadableModuleLogic):
         self._backendKey = None
         self._session = None  # backend.session(): holds the last image
         self._sessionImageKey = None
+        self._process = None  # InferenceProcess of the "separate process" backend
         self._lock = threading.Lock()  # one inference at a time (the session holds one image)
         self.undoStack: list[UndoStep] = []
         self.maxUndoSteps = 20
@@ -779,7 +875,7 @@ class LesionLocatorLogic(ScriptedLoadableModuleLogic):
     # -- settings ---------------------------------------------------------------------------------
     def configure(self, backend: str = BACKEND_LOCAL, modelPath: Optional[str] = None, device: str = "auto",
                   speedPreset: str = "fast", serverUrl: str = "", serverToken: str = "") -> None:
-        if backend not in (BACKEND_LOCAL, BACKEND_SERVER):
+        if backend not in (BACKEND_LOCAL, BACKEND_SERVER, BACKEND_PROCESS):
             raise LesionLocatorInputError(f"unknown backend {backend!r}")
         if device not in DEVICES and not device.startswith("cuda:"):
             raise LesionLocatorInputError(f"unknown device {device!r}; use one of {', '.join(DEVICES)}")
@@ -790,7 +886,7 @@ class LesionLocatorLogic(ScriptedLoadableModuleLogic):
 
     def usesPublishedWeights(self) -> bool:
         """Whether the chosen model is a user-supplied checkpoint (subject to the weights' licence)."""
-        return self.backend == BACKEND_LOCAL and bool(self.modelPath)
+        return self.backend in (BACKEND_LOCAL, BACKEND_PROCESS) and bool(self.modelPath)
 
     # -- prompts ----------------------------------------------------------------------------------
     def nextLesionId(self, pointNodes: Sequence = (), roiNodes: Sequence = (), segmentationNodes: Sequence = ()) -> int:
@@ -1091,20 +1187,24 @@ class LesionLocatorLogic(ScriptedLoadableModuleLogic):
         folds, tta = self.speedSettings()
         if self.backend == BACKEND_SERVER:
             return (BACKEND_SERVER, self.serverUrl, self.serverToken, str(folds), tta)
-        return (BACKEND_LOCAL, self.modelPath or None, self.device, str(folds), tta)
+        return (self.backend, self.modelPath or None, self.device, str(folds), tta)
 
     def openBackend(self):
         """The one LesionLocatorLib backend for the current settings (reused while they stay the same).
 
         Local: ``open_backend(model=path or None for the bundled model, device=, folds=, tta=)``; server:
-        ``open_backend(server=url, token=, folds=, tta=)``. Everything else (segmenting, the several-prompts
-        rule, tracking, the classical fallback without a Track model) is the library's.
+        ``open_backend(server=url, token=, folds=, tta=)``; separate process: the same server call on the
+        loopback server this module started (``InferenceProcess``), so a crash or an out-of-memory kill in
+        torch ends that process, not Slicer; a dead process is started again here. Everything else
+        (segmenting, the several-prompts rule, tracking, the classical fallback without a Track model) is the
+        library's.
         """
         key = self.backendKey()
-        if self._backend is not None and self._backendKey == key:
+        processDied = self.backend == BACKEND_PROCESS and self._process is not None and not self._process.alive()
+        if self._backend is not None and self._backendKey == key and not processDied:
             return self._backend
         self.closeBackend()
-        if self.backend == BACKEND_LOCAL and self.modelPath and not os.path.exists(self.modelPath):
+        if self.backend != BACKEND_SERVER and self.modelPath and not os.path.exists(self.modelPath):
             raise LesionLocatorInputError(f"model not found: {self.modelPath}")
         try:
             from LesionLocatorLib.backend import open_backend
@@ -1115,6 +1215,9 @@ class LesionLocatorLogic(ScriptedLoadableModuleLogic):
             if not self.serverUrl:
                 raise LesionLocatorInputError("enter the LesionLocator server URL")
             backend = open_backend(server=self.serverUrl, token=self.serverToken or None, folds=folds, tta=tta)
+        elif self.backend == BACKEND_PROCESS:
+            process = self.inferenceProcess(folds)
+            backend = open_backend(server=process.url, token=process.token, folds=folds, tta=tta)
         else:
             try:
                 backend = open_backend(model=self.modelPath or None, device=self.device, folds=folds, tta=tta)
@@ -1127,8 +1230,36 @@ class LesionLocatorLogic(ScriptedLoadableModuleLogic):
         self._backend, self._backendKey = backend, key
         return backend
 
+    def inferenceProcess(self, folds):
+        """The module's own inference server for the current model / device / folds (started when needed)."""
+        key = (self.modelPath or None, self.device, str(folds))
+        if self._process is not None and (self._process.key != key or not self._process.alive()):
+            self.stopInferenceProcess()
+        if self._process is None:
+            process = InferenceProcess(self.modelPath or None, self.device, folds, key=key)
+            process.start()
+            self._process = process
+        return self._process
+
+    def _explainProcessFailure(self, exc: BaseException) -> None:
+        """A request failed because the module's inference process died: say so (Slicer itself is fine)."""
+        process = self._process
+        if self.backend != BACKEND_PROCESS or process is None or process.alive():
+            return
+        self._session = self._sessionImageKey = None
+        raise RuntimeError("The LesionLocator inference process stopped (crashed or ran out of memory); Slicer is "
+                           "not affected and the process starts again with the next request.\n"
+                           + (process.logTail(800) or str(exc))) from exc
+
+    def stopInferenceProcess(self) -> None:
+        if self._process is not None:
+            self._process.stop()
+            self._process = None
+
     def closeBackend(self) -> None:
-        """Drop the backend, its session and tracker (settings changed, scene closed, module reloaded)."""
+        """Drop the backend, its session and tracker (settings changed, scene closed, module reloaded).
+
+        The module's inference process stays up while its settings do (``stopInferenceProcess`` ends it)."""
         for obj in (self._session, self._backend):
             if obj is not None:
                 try:
@@ -1170,6 +1301,9 @@ class LesionLocatorLogic(ScriptedLoadableModuleLogic):
                 result = self._session.segment(prompts=job.prompts, progress=report, cancel=cancelEvent)
             except Cancelled as exc:
                 raise CancelledError("cancelled by the user") from exc
+            except Exception as exc:
+                self._explainProcessFailure(exc)
+                raise
         return self.completeResult(result, job.lesionIds)
 
     @staticmethod
@@ -1234,6 +1368,9 @@ class LesionLocatorLogic(ScriptedLoadableModuleLogic):
                 tracked = tracker.track(masks=masks, progress=report, cancel=cancelEvent)
             except Cancelled as exc:
                 raise CancelledError("cancelled by the user") from exc
+            except Exception as exc:
+                self._explainProcessFailure(exc)
+                raise
             finally:
                 tracker.close()
         return self.completeTrackingResults(job, tracked.followups)
@@ -1531,6 +1668,7 @@ class LesionLocatorWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         for device in DEVICES:
             self.ui.deviceComboBox.addItem(device, device)
         self.ui.backendComboBox.addItem("In this Slicer", BACKEND_LOCAL)
+        self.ui.backendComboBox.addItem("Separate process on this computer", BACKEND_PROCESS)
         self.ui.backendComboBox.addItem("LesionLocator server", BACKEND_SERVER)
         self.ui.licenseLabel.text = (f"Published weights: <a href=\"{LICENSE_URL}\">{LICENSE_NAME}</a> "
                                      "(non-commercial). Research use only.")
@@ -1573,6 +1711,7 @@ class LesionLocatorWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.controller.cleanup()
         if self.logic is not None:
             self.logic.closeBackend()
+            self.logic.stopInferenceProcess()
 
     def enter(self) -> None:
         self.initializeParameterNode()
@@ -1741,7 +1880,7 @@ class LesionLocatorWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def _checkReady(self) -> bool:
         """Dependencies + licence acknowledgement before the first inference (called by the controller)."""
-        if self.logic.backend == BACKEND_LOCAL and not self.updateDependencyStatus():
+        if self.logic.backend in (BACKEND_LOCAL, BACKEND_PROCESS) and not self.updateDependencyStatus():
             slicer.util.errorDisplay("LesionLocator cannot run yet: some Python packages are missing.\n"
                                      + self.ui.dependencyStatusLabel.text)
             return False

@@ -648,6 +648,41 @@ def test_server_errors_name_the_cause(LL, scene, server_url):
     assert "cannot reach" in LL.describeError(info.value)
 
 
+def test_separate_process_backend_matches_local_and_survives_a_crash(LL, scene, tiny_model):
+    """'Separate process on this computer': the module runs the server on loopback with a random token; torch
+    dying there (killed here like an out-of-memory kill) costs one request, not Slicer."""
+    import os
+    import signal
+
+    for mod in ("fastapi", "uvicorn", "requests", "zstandard"):
+        pytest.importorskip(mod)
+    node, _ = make_volume_node(scene, shape_zyx=(12, 18, 18), spacing=(1.6, 1.8, 2.5))
+    points = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "pts")
+    _place_world(scene, points, ijk_to_world(node, (9, 8, 6)))
+    LL.setLesionIdOfControlPoint(points, 0, 5)
+    logic = LL.LesionLocatorLogic(scene=scene)
+    logic.configure(backend=LL.BACKEND_PROCESS, modelPath=tiny_model, device="cpu", speedPreset="fastest")
+    try:
+        job = logic.prepareSegmentation(node, [points], [])
+        got = logic.computeSegmentation(job)
+        process = logic._process
+        assert process.alive() and process.url.startswith("http://127.0.0.1:")
+        assert oct(os.stat(os.path.join(process._dir, "token")).st_mode & 0o777) == "0o600"
+        assert process.token not in " ".join(process._proc.args)  # never on the command line
+        expected = _direct_session(tiny_model, job.volume).segment(prompts=job.prompts)
+        np.testing.assert_array_equal(got.mask(5), expected.mask(5))
+
+        os.kill(process._proc.pid, signal.SIGKILL)
+        process._proc.wait(timeout=30)
+        again = logic.computeSegmentation(job)  # this process lives on; the next request starts a new server
+        assert logic._process is not process and logic._process.alive()
+        np.testing.assert_array_equal(again.mask(5), expected.mask(5))
+    finally:
+        logic.closeBackend()
+        logic.stopInferenceProcess()
+    assert logic._process is None
+
+
 def test_undo_snapshots_are_cropped_to_the_lesion(LL, scene, logic):
     """A whole-volume labelmap (as Segment Editor layers can be) is stored for undo as the lesion's box only."""
     from vtk.util import numpy_support as ns
