@@ -9,6 +9,13 @@ Design notes
   Widget or in functions only the Widget calls.
 * Nothing heavy is imported at module load: torch and the network code of ``LesionLocatorLib`` are imported
   when the user first segments, so the module loads (and explains what is missing) without them.
+* The Logic is MRML glue over one ``LesionLocatorLib`` backend (``open_backend``): in this process, in a
+  separate process on this computer (the module's own loopback server), or on a LesionLocator server, with
+  the same speed preset (folds, TTA) everywhere. Segmenting, the several-prompts rule and tracking are the
+  library's; lesion ids travel unchanged.
+* The widget's decisions (prompts and lesion ids, two-click boxes, place modes, enable states, the job queue
+  and its GIL-releasing timer, undo, scene close) live in ``LesionLocatorModuleLib/controller.py`` (no Qt,
+  tested under slicer-core); the widget keeps widgets, dialogs and shortcuts.
 * MRML access happens on the main thread only. A user action is split into ``prepare*`` (main thread: MRML ->
   arrays and prompts), ``compute*`` (worker thread: pure LesionLocatorLib, cancellable) and ``apply*`` (main
   thread: results -> segments, with an undo step).
