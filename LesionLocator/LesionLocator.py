@@ -1639,6 +1639,11 @@ class _WidgetView:
     def stateChanged(self) -> None:
         self.widget.updateGUIFromState()
 
+    def showReport(self, tableNode, chartNode) -> None:
+        self.widget.ui.reportTableView.setMRMLTableNode(tableNode)
+        if slicer.util.mainWindow() is not None:
+            slicer.modules.plots.logic().ShowChartInLayout(chartNode)
+
 
 class LesionLocatorWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     """Widgets, dialogs and shortcuts only; every decision is the controller's (LesionLocatorModuleLib)."""

@@ -75,6 +75,9 @@ class ControllerView:
     def stateChanged(self) -> None:
         """Enable states, labels or lists may have changed."""
 
+    def showReport(self, tableNode, chartNode) -> None:
+        """A new report table and volume chart were built."""
+
 
 class Progress:
     """Thread-safe progress shared between the worker and the main-thread timer."""
@@ -451,6 +454,7 @@ class LesionLocatorController:
             self.view.showError("Could not build the report: " + LL.describeError(exc))
             return None
         self.view.stateChanged()
+        self.view.showReport(table, chart)
         return table, chart
 
     def undo(self) -> Optional[str]:

@@ -129,6 +129,9 @@ class RecordingView:
     def stateChanged(self):
         pass
 
+    def showReport(self, table, chart):
+        self.reports = getattr(self, "reports", []) + [(table, chart)]
+
 
 # ----------------------------------------------------------------------------------------------- scene
 def make_volume(scene, shape=(16, 24, 24), name="baseline", spacing=(2.0, 2.0, 2.0), origin=(0.0, 0.0, 0.0)):
@@ -418,6 +421,7 @@ def test_track_then_report_through_the_controller(rig):
     assert sorted(rig.logic.lesionStatuses(follow)) == [1]
     table = rig.state.reportTable
     assert table is not None and table.GetNumberOfRows() >= 2
+    assert len(rig.view.reports) == 1 and rig.view.reports[0][0] is table  # one report, after tracking
     assert rig.ctl.actions()["exportCsv"] is True
     assert rig.ctl.undo() == "track lesions"
     assert rig.ctl.removeFollowUp(0) and rig.ctl.followUpNames() == []
