@@ -1801,7 +1801,10 @@ class LesionLocatorWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onModelPathChanged(self, path: str) -> None:
         if path:
             self.ui.useDefaultModelCheckBox.checked = False
-            self.ui.modelPathLineEdit.addCurrentPathToHistory()  # stored under the line edit's settingKey
+        if path and os.path.exists(path):
+            # stored in QSettings under the .ui's settingKey (CTK Libs/Widgets/ctkPathLineEdit.cpp,
+            # addCurrentPathToHistory); nothing stores it otherwise
+            self.ui.modelPathLineEdit.addCurrentPathToHistory()
         self.onSettingsChanged()
 
     def onUseDefaultModelToggled(self, checked: bool) -> None:
