@@ -289,15 +289,16 @@ class RemoteBackend:
         self.uploads += 1
         return True
 
-    def post(self, path: str, body: Dict[str, Any], arrays: Sequence[np.ndarray]) -> Any:
-        """A JSON request, or the wire request container when mask-prompt crops travel with it."""
+    def post(self, path: str, body: Dict[str, Any], arrays: Sequence[np.ndarray], max_reply_bytes: int) -> Any:
+        """A JSON request, or the wire request container when mask-prompt crops travel with it. The reply may
+        declare at most ``max_reply_bytes`` of masks (checked before anything is allocated)."""
         if arrays:
             data = self.request("POST", path, data=encode_request(body, arrays), headers={"Content-Type": MEDIA_TYPE},
                                 expect="container")
         else:
             data = self.request("POST", path, json=body, expect="container")
         try:
-            reply = decode_results(data)
+            reply = decode_results(data, max_raw_bytes=max_reply_bytes)
         except WireError as exc:
             raise ProtocolMismatch(f"unreadable reply from {self.url}: {exc}", url=self.url) from None
         ms = reply.header.get("elapsed_ms")
@@ -410,7 +411,8 @@ class RemoteSession(_ServerSession):
             arrays: List[np.ndarray] = []
             body = {"prompts": prompts_to_json({lid: items}, arrays), "image": self._hash,
                     "probabilities": bool(return_probabilities), **self.backend.settings_json()}
-            reply = self._call(lambda sid: self.backend.post(f"{API}/sessions/{sid}/segment", body, arrays))
+            reply = self._call(lambda sid, body=body, arrays=arrays: self.backend.post(
+                f"{API}/sessions/{sid}/segment", body, arrays, _reply_limit([img])))
             if len(reply.results) != 1 or reply.images[0] != self._hash or set(reply.results[0]) != {lid}:
                 raise ProtocolMismatch(f"server {self.backend.url} answered for other lesions or another image",
                                        url=self.backend.url)
@@ -470,7 +472,8 @@ class RemoteTracker(_ServerSession):
         body = {"baseline": self._hashes[0], "followups": self._hashes[1:], "prompts": prompts_to_json(todo, arrays),
                 "from_baseline": bool(from_baseline), "propagation": self._asked[0], "refine": self._asked[1],
                 **self.backend.settings_json()}
-        reply = self._call(lambda sid: self.backend.post(f"{API}/sessions/{sid}/track", body, arrays))
+        reply = self._call(lambda sid: self.backend.post(f"{API}/sessions/{sid}/track", body, arrays,
+                                                         len(todo) * _reply_limit(self._images)))
         if reply.images != self._hashes:
             raise ProtocolMismatch(f"server {self.backend.url} answered for other images", url=self.backend.url)
         if progress:
@@ -485,6 +488,11 @@ class RemoteTracker(_ServerSession):
 
 
 # -- helpers ---------------------------------------------------------------------------------
+def _reply_limit(images: Sequence[Volume]) -> int:
+    """The most a reply of one lesion per image can hold: a bit per voxel and float32 probabilities."""
+    return sum(int(np.prod(v.shape)) for v in images) * 5 + (1 << 20)
+
+
 def _head_bytes(req: Any) -> int:
     """Bytes of the request line and headers as sent on the wire (HTTP/1.1)."""
     from urllib.parse import urlsplit

@@ -87,7 +87,7 @@ class ServerProcess:
             wait_for_server(self.url, timeout_s=120, token=TOKEN)
         except ServerError:
             self.stop()
-            raise AssertionError("server did not start:\n" + self.log_path.read_text()[-3000:])
+            raise AssertionError("server did not start:\n" + self.log_path.read_text()[-3000:]) from None
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -128,7 +128,8 @@ def test_real_server_segments_exactly_as_in_process(server, checkpoint):
         s.set_image(vol)
         assert backend.uploads == 1  # the second set_image only named the hash
         for click in [dict(points={1: (15, 20, 18)}), dict(boxes={2: (2, 10, 5, 30, 5, 30)}), dict(masks={3: m}),
-                      dict(points={4: [(15, 20, 18), (5, 8, 9)]}), dict(points={5: (15, 20, 18)}, boxes={5: (2, 10, 5, 30, 5, 30)}),
+                      dict(points={4: [(15, 20, 18), (5, 8, 9)]}),
+                      dict(points={5: (15, 20, 18)}, boxes={5: (2, 10, 5, 30, 5, 30)}),
                       dict(prompts={6: Point((20.0, 20.0, 20.0)), 900: [Box((2, 10, 5, 30, 5, 30)), Mask(m)]})]:
             got, exp = s.segment(**click), here.segment(**click)
             assert_same(got, exp)

@@ -571,7 +571,8 @@ def test_mask_prompts_in_the_container(srv, local):
     import zstandard as zstd
 
     frame = zstd.ZstdCompressor(level=19).compress(b"\xff" * (64 * 2**20))
-    header = {"kind": "request", "protocol": 2, "request": body, "arrays": [{"dtype": "bits", "shape": list(crop.shape)}],
+    header = {"kind": "request", "protocol": 2, "request": body,
+              "arrays": [{"dtype": "bits", "shape": list(crop.shape)}],
               "raw_nbytes": (crop.size + 7) // 8, "chunk_bytes": MIN_CHUNK_BYTES}
     r = send(_join(header, struct.pack("<I", len(frame)) + frame + struct.pack("<I", 0)))
     assert r.status_code == 400 and "declares" in r.json()["message"]
