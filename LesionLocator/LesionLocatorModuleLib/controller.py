@@ -14,8 +14,10 @@ It runs under slicer-core (real MRML, real markups events) in Testing/Python/tes
 
 Why the job timer waits on the future
 -------------------------------------
-In Slicer the main thread holds the Python GIL while it sits in the Qt event loop (PythonQt does not release
-it there), so a worker thread running Python (torch's Python parts, the library's loops) only gets the GIL
+In Slicer the main thread holds the Python GIL while it sits in the Qt event loop: Python is initialised on
+that thread and nothing releases the GIL around the event loop (PythonQt could, via
+``PythonQt::setEnableThreadSupport`` in commontk/PythonQt src/PythonQt.cpp, but Slicer never calls it; a
+``git grep setEnableThreadSupport`` of Slicer main finds nothing), so a worker thread running Python (torch's Python parts, the library's loops) only gets the GIL
 while the main thread itself runs Python. A poll tick that merely checks ``future.done()`` lets the worker
 run a few microseconds per tick: jobs crawl or look hung. Each tick here blocks in
 ``concurrent.futures.wait(..., timeout=PUMP_WAIT_S)``, which releases the GIL, for most of the timer interval.
