@@ -1884,6 +1884,7 @@ class LesionLocatorWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             with _waitCursor():
                 installDependencies(askConfirmation=False, log=lambda m: slicer.util.showStatusMessage(m, 3000))
         except Exception as exc:  # one dialog with the cause; the status below is refreshed either way
+            # (not slicer.util.tryWithErrorDisplay: it shows the error and then re-raises, Base/Python/slicer/util.py)
             logging.exception("Installing the LesionLocator dependencies failed")
             slicer.util.errorDisplay("Installing the LesionLocator dependencies failed.\n" + describeError(exc),
                                      windowTitle="LesionLocator")
@@ -2058,8 +2059,10 @@ class LesionLocatorTest(ScriptedLoadableModuleTest):
         self.delayDisplay("Widget workflow: point -> segment -> undo -> follow-up -> report")
         missing = missingDependencies()
         if missing:
-            # not skipTest: slicer.selfTests['LesionLocator']() would raise SkipTest and the README's headless
-            # command would exit 1 on a Slicer that simply has not installed the dependencies yet
+            # not skipTest: slicer.selfTests['LesionLocator'] is ScriptedLoadableModule.runTest, which calls
+            # testCase.runTest() directly, without a unittest runner (Slicer main, Base/Python/slicer/
+            # ScriptedLoadableModule.py, runTest), so SkipTest would escape and the README's headless command
+            # would exit 1 on a Slicer that simply has not installed the dependencies yet
             self.delayDisplay("Widget workflow not run: missing " + ", ".join(missing)
                               + " (open the module and click 'Install dependencies')")
             return
