@@ -22,6 +22,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tta", action="store_true",
                         help="mirroring TTA for requests that do not say (RemoteBackend always says)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the networks (CUDA only)")
+    parser.add_argument("--no-grow", dest="grow", action="store_false",
+                        help="predict each lesion in its published patch only, for tracking and for requests that "
+                             "do not say (by default a lesion touching an open patch face is followed further)")
     tok = parser.add_mutually_exclusive_group()
     tok.add_argument("--token", help="bearer token clients must send (prefer --token-file: argv is visible to others)")
     tok.add_argument("--token-file", help="file with one token per line (one per client identity)")
@@ -58,8 +61,10 @@ def config_from_args(args: argparse.Namespace):  # noqa: ANN201 - serve.config.S
     tokens = (args.token,) if args.token else read_token_file(args.token_file) if args.token_file else ()
     return ServerConfig(
         checkpoint=args.checkpoint, device=args.device, folds=parse_folds(args.folds), tta=args.tta,
-        compile=args.compile, host=args.host, port=args.port, tokens=tokens, max_sessions=args.max_sessions,
-        max_upload_mb=args.max_upload_mb, max_request_mb=args.max_request_mb, max_cache_mb=args.max_cache_mb,
+        compile=args.compile, grow=args.grow, host=args.host, port=args.port, tokens=tokens,
+        max_sessions=args.max_sessions,
+        max_upload_mb=args.max_upload_mb, max_request_mb=args.max_request_mb,
+        max_cache_mb=args.max_cache_mb,
         max_queue=args.max_queue, session_ttl_s=args.session_ttl, warmup=not args.no_warmup,
         tls_cert=args.tls_cert, tls_key=args.tls_key)
 

@@ -258,7 +258,7 @@ def create_app(cfg: ServerConfig, service: Optional[ModelService] = None) -> Fas
         def job() -> bytes:
             state.service.prune(state.store.live_keys() | {(s.id, image_hash)})
             res = state.service.segment((s.id, image_hash), volume, body.prompts, arrays, body.folds, body.tta,
-                                        body.probabilities)
+                                        body.grow, body.probabilities)
             s.requests += 1
             return encode_results([(image_hash, volume.shape, res.lesions.values())],
                                   {"elapsed_ms": round((time.perf_counter() - t0) * 1000, 3)})
@@ -277,7 +277,8 @@ def create_app(cfg: ServerConfig, service: Optional[ModelService] = None) -> Fas
         def job() -> bytes:
             state.service.prune(state.store.live_keys())
             res = state.service.track(images[0][1], [v for _, v in images[1:]], body.prompts, arrays,
-                                      body.from_baseline, body.propagation, body.refine, body.folds, body.tta)
+                                      body.from_baseline, body.propagation, body.refine, body.folds, body.tta,
+                                      body.grow)
             s.requests += 1
             return encode_results([(h, v.shape, r.lesions.values()) for (h, v), r in zip(images, res.timepoints)],
                                   {"elapsed_ms": round((time.perf_counter() - t0) * 1000, 3)})

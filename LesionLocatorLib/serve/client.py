@@ -1,6 +1,6 @@
 """RemoteBackend: the local backend's objects, executed by a LesionLocator server (``lesionlocator serve``).
 
-    backend = RemoteBackend("http://gpu-box:8765", token=None, folds=None, tta=False)
+    backend = RemoteBackend("http://gpu-box:8765", token=None, folds=None, tta=False, grow=True)
     session = backend.session()                      # RemoteSession: SegmentSession's set_image / segment
     session.set_image(volume)                        # uploaded once per content hash (skipped if held)
     result = session.segment(points={1: (z, y, x)})  # SegmentationResult, lesion ids unchanged
@@ -12,7 +12,7 @@
 Prompts are resolved exactly as in-process (``segment.session.resolve_prompts``), written with
 ``core.prompts.prompts_to_json`` and parsed on the server by ``core.prompts.parse_prompts``; mask prompts travel
 as crops inside the wire container. Every request carries ``folds`` and ``tta``, so equal settings give equal
-masks. Every failure talking to the server is a :class:`ServerError`.
+masks (``grow`` too). Every failure talking to the server is a :class:`ServerError`.
 """
 from __future__ import annotations
 
@@ -118,7 +118,8 @@ class RemoteBackend:
     remote = True
 
     def __init__(self, url: str, token: Optional[str] = None, folds: Any = None, tta: bool = False,
-                 timeout: Union[float, Tuple[float, float]] = (5.0, 600.0), check_version: bool = True,
+                 grow: bool = True, timeout: Union[float, Tuple[float, float]] = (5.0, 600.0),
+                 check_version: bool = True,
                  upload_threads: Optional[int] = None, compression_level: int = 1,
                  verify: Union[bool, str] = True) -> None:
         import requests
@@ -128,6 +129,7 @@ class RemoteBackend:
         self.url = str(url).rstrip("/")
         self.folds = _folds_json(folds)
         self.tta = bool(tta)
+        self.grow = bool(grow)
         self.timeout = timeout
         self._http = requests.Session()  # keep-alive: one TCP connection for all clicks
         self._http.headers[CLIENT_KEY_HEADER] = secrets.token_hex(16)
@@ -163,10 +165,10 @@ class RemoteBackend:
         under ``server_defaults``."""
         info = self.capabilities or self.check_server()
         settings = dict(info.get("settings") or {})
-        server_defaults = {"default_folds": settings.get("default_folds"), "tta": settings.get("tta")}
+        server_defaults = {k: settings.get(k) for k in ("default_folds", "tta", "grow")}
         settings.update(backend="remote", url=self.url, server_version=info.get("version"),
                         default_folds=self.folds if self.folds is not None else server_defaults["default_folds"],
-                        tta=self.tta, server_defaults=server_defaults, tracking=info.get("tracking"))
+                        tta=self.tta, grow=self.grow, server_defaults=server_defaults, tracking=info.get("tracking"))
         return settings
 
     def close(self) -> None:
@@ -187,7 +189,7 @@ class RemoteBackend:
 
     # -- plumbing ---------------------------------------------------------------------------
     def settings_json(self) -> Dict[str, Any]:
-        return {"folds": self.folds, "tta": self.tta}
+        return {"folds": self.folds, "tta": self.tta, "grow": self.grow}
 
     def request(self, method: str, path: str, *, expect: str = "json", **kw: Any) -> Any:
         import requests

@@ -18,6 +18,7 @@ class ServerConfig:
     folds: Any = None  # folds loaded and served by default (None: the library default, the first fold)
     tta: bool = False  # only for requests that do not say (the client always says)
     compile: bool = False
+    grow: bool = True  # for requests that do not say, and for tracking (the tracker uses the model's setting)
     host: str = "127.0.0.1"
     port: int = 8765
     tokens: Tuple[str, ...] = ()

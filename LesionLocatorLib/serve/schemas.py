@@ -33,6 +33,8 @@ class Settings(BaseModel):
     model_config = ConfigDict(extra="forbid")
     folds: Folds = Field(default=None, description="null: the server's default folds (reported in /version)")
     tta: StrictBool = Field(default=False, description="mirroring test-time augmentation")
+    grow: Optional[StrictBool] = Field(default=None, description="follow a lesion past its patch (null: the "
+                                                                 "server's setting, reported in /version)")
 
 
 class SegmentRequest(Settings):

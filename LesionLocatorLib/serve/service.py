@@ -96,7 +96,7 @@ class ModelService:
 
         try:
             self.model = LesionLocatorModel(self.cfg.checkpoint, device=self.cfg.device, folds=self.cfg.folds,
-                                            tta=self.cfg.tta, compile=self.cfg.compile)
+                                            tta=self.cfg.tta, compile=self.cfg.compile, grow=self.cfg.grow)
             for kind in self.model.kinds:  # every fold of every model now: a broken file fails at start
                 self.model.prompt_model(kind)
         except (CheckpointError, DeviceError) as exc:
@@ -158,7 +158,7 @@ class ModelService:
             self._sessions.pop(key).close()
 
     def segment(self, key: Tuple[str, str], volume: Volume, prompts: Mapping[str, Any], arrays: Sequence[np.ndarray],
-                folds: Any, tta: bool, probabilities: bool) -> SegmentationResult:
+                folds: Any, tta: bool, grow: Optional[bool], probabilities: bool) -> SegmentationResult:
         from ..core.prompts import parse_prompts
         from ..segment.session import resolve_prompts
 
@@ -170,7 +170,7 @@ class ModelService:
         for lid, entry in prompts.items():
             resolve_prompts(volume, parse_prompts({lid: entry}, volume, arrays), None, None, None, "voxel")
         session = self.session_for(key, volume)
-        session.tta, session.folds = tta, folds
+        session.tta, session.folds, session.grow = tta, folds, grow
         out = SegmentationResult(volume)
         for lid, entry in prompts.items():
             res = session.segment(parse_prompts({lid: entry}, volume, arrays), return_probabilities=probabilities)
@@ -180,7 +180,7 @@ class ModelService:
 
     def track(self, baseline: Volume, followups: List[Volume], prompts: Mapping[str, Any],
               arrays: Sequence[np.ndarray], from_baseline: bool, propagation: Optional[str], refine: Optional[str],
-              folds: Any, tta: bool) -> TrackingResult:
+              folds: Any, tta: bool, grow: Optional[bool]) -> TrackingResult:
         from ..core.prompts import parse_prompts
         from ..model.engine import KINDS
 
@@ -188,6 +188,11 @@ class ModelService:
             raise ApiError(501, "tracking_unavailable", f"tracking is not available on this server "
                                                         f"({self.unavailable['track']})")
         self._check_folds(KINDS, folds)
+        if grow is not None and grow != self.model.grow:
+            # the tracker segments with the model's growth setting; it has no per-request choice
+            raise ApiError(422, "unsupported_setting", f"this server tracks with grow={self.model.grow}; start it "
+                                                       f"{'without' if self.model.grow else 'with'} --no-grow, or "
+                                                       f"ask for grow={self.model.grow}")
         parsed = parse_prompts(dict(prompts), baseline, arrays)
         tracker = self.model.tracker(propagation=propagation, refine=refine, tta=tta, folds=folds)
         try:

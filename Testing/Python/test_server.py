@@ -230,7 +230,7 @@ def test_version_settings_and_openapi(srv, local):
         d = b.describe()
         assert d["backend"] == "remote" and d["url"] == srv.url and d["kinds"] == ["point", "box"]
         assert d["default_folds"] == [1] and d["tta"] is True  # what this backend's requests run
-        assert d["server_defaults"] == {"default_folds": None, "tta": False}
+        assert d["server_defaults"] == {"default_folds": None, "tta": False, "grow": True}
         t = b.tracker()
         assert (t.propagation, t.refine) == ("classical", "segment")  # resolved as the local tracker does
         from LesionLocatorLib.track.tracker import TrackingError
@@ -313,10 +313,10 @@ def test_settings_travel_with_every_request(srv, checkpoint):
     """folds and TTA are the request's: equal settings give equal masks; folds the server lacks are a 4xx."""
     vol = ct(seed=2)
     click = dict(points={1: (18, 22, 20)}, boxes={2: (10, 26, 12, 30, 10, 28)})
-    for folds, tta in [(None, True), ([0], False)]:
-        here = open_backend(model=str(checkpoint), device="cpu", folds=folds, tta=tta).session()
+    for folds, tta, grow in [(None, True, True), ([0], False, False)]:
+        here = open_backend(model=str(checkpoint), device="cpu", folds=folds, tta=tta, grow=grow).session()
         here.set_image(vol)
-        with RemoteBackend(srv.url, token=TOKEN_A, folds=folds, tta=tta) as b:
+        with RemoteBackend(srv.url, token=TOKEN_A, folds=folds, tta=tta, grow=grow) as b:
             rs = b.session()
             rs.set_image(vol)
             assert_same(rs.segment(**click), here.segment(**click))
@@ -815,7 +815,8 @@ def test_bad_track_requests(srv):
     for bad, status in [(dict(body, followups=[]), 422), (dict(body, use_results=True), 422),
                         ({k: v for k, v in body.items() if k != "prompts"}, 422), (dict(body, baseline="x"), 422),
                         (dict(body, followups=["0" * 64]), 409), (dict(body, propagation="magic"), 422),
-                        (dict(body, prompts={"1": {"point": [99, 5, 5]}}), 422)]:
+                        (dict(body, prompts={"1": {"point": [99, 5, 5]}}), 422),
+                        (dict(body, grow=False), 422)]:  # this server's tracker grows; it says so, not ignores it
         r = post(bad)
         assert r.status_code == status, (bad, r.text)
         assert r.json()["message"]
