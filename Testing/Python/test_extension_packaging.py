@@ -308,6 +308,11 @@ def test_module_cmake_lists_existing_files():
             assert path.is_file(), f"{var} lists missing {path}"
     assert "slicerMacroBuildScriptedModule" in text
     assert re.search(r"slicer_add_python_unittest\(\s*SCRIPT\s+\$\{MODULE_NAME\}\.py", text)
+    scripts = {r.replace("${MODULE_NAME}", name) for r in cmake_set(text, "MODULE_PYTHON_SCRIPTS")}
+    on_disk = {p.relative_to(MODULE_DIR).as_posix() for p in MODULE_DIR.rglob("*.py") if "__pycache__" not in p.parts}
+    assert on_disk == scripts, f"MODULE_PYTHON_SCRIPTS and the module's .py files differ: {sorted(on_disk ^ scripts)}"
+    # helpers live in a package: Slicer's scripted-module factory takes every *.py of the module folder for a module
+    assert [p for p in on_disk if "/" not in p] == ["LesionLocator.py"]
     resources = [r.replace("${MODULE_NAME}", name) for r in cmake_set(text, "MODULE_PYTHON_RESOURCES")]
     for needed in ("Resources/UI/LesionLocator.ui", "Resources/Icons/LesionLocator.png", "Resources/requirements.txt"):
         assert needed in resources, f"{needed} would be missing from the installed extension"

@@ -274,6 +274,25 @@ def test_several_boxes_in_a_row(rig):
     assert [rig.LL.lesionIdOfROI(r) for r in rig.ctl.promptBoxes()] == [1, 2]
 
 
+def test_moving_a_box_resegments_its_lesion(rig):
+    roi = rig.ctl.placeBox()
+    rig.click_box_corner(roi, (5, 9, 9))
+    rig.click_box_corner(roi, (11, 15, 15))
+    rig.settle()
+    rig.ctl.newLesion()
+    rig.click_point((8, 5, 18))
+    rig.settle()
+    assert rig.ctl.jobsStarted == 2
+    before = rig.mask(1).copy()
+    roi.SetCenterWorld(*rig.ras((8, 11, 11)))
+    roi.InvokeEvent(slicer.vtkMRMLMarkupsNode.PointEndInteractionEvent)
+    rig.settle()
+    assert rig.ctl.jobsStarted == 3
+    assert rig.logic.undoStack[-1].description == "segment lesion(s) 1"
+    rig.ctl.undo()
+    np.testing.assert_array_equal(rig.mask(1), before)
+
+
 def test_place_box_after_points_switches_persistence_off_and_fires_the_selection_event(rig):
     selection = rig.ctl.selectionNode()
     seen = []
