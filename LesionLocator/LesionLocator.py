@@ -1431,8 +1431,7 @@ class LesionLocatorLogic(ScriptedLoadableModuleLogic):
         for r in results:
             for lid in allIds:
                 if lid not in r.lesions:
-                    r.lesions[lid] = LesionMask(lid, (0, 0, 0, 0, 0, 0), np.zeros((0, 0, 0), bool), None,
-                                                STATUS_NOT_FOUND)
+                    r.lesions[lid] = LesionMask.not_found(lid)
         self.lastReport = build_report_from_results([n.GetName() for n in volumeNodes], results)
         return self.lastReport
 
