@@ -73,7 +73,9 @@ def run(args: argparse.Namespace) -> int:
     """``lesionlocator serve``: returns a process exit code (2: bad options, before any port is bound)."""
     from ..serve.app import serve
 
-    logging.basicConfig(level=getattr(logging, args.log_level.upper()), format="%(asctime)s %(levelname)s %(message)s")
+    level = getattr(logging, args.log_level.upper())
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(message)s")
+    logging.getLogger().setLevel(level)  # --log-level wins over a level the caller's logging set up before
     try:
         cfg = config_from_args(args)
     except ValueError as exc:
