@@ -4,7 +4,10 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from typing import List, Optional
+from typing import TYPE_CHECKING, List, Optional, Union
+
+if TYPE_CHECKING:
+    from ..serve.config import ServerConfig
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -45,7 +48,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="(default info)")
 
 
-def parse_folds(text: Optional[str]):  # noqa: ANN201 - the engine's Folds
+def parse_folds(text: Optional[str]) -> Union[None, str, List[int]]:
     if text is None or text == "all":
         return text
     try:
@@ -54,7 +57,7 @@ def parse_folds(text: Optional[str]):  # noqa: ANN201 - the engine's Folds
         raise ValueError(f"--folds must be 'all' or comma-separated fold numbers, got {text!r}") from None
 
 
-def config_from_args(args: argparse.Namespace):  # noqa: ANN201 - serve.config.ServerConfig
+def config_from_args(args: argparse.Namespace) -> "ServerConfig":
     from ..serve.auth import read_token_file
     from ..serve.config import ServerConfig
 
