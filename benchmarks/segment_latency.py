@@ -1,6 +1,8 @@
-"""Per-click latency and peak memory of LesionSegmenter, against the published whole-scan preprocessing.
+"""Per-click latency and peak memory of a SegmentSession, against the published whole-scan preprocessing;
+and, with --real-lesions, growth past the patch on the real lesions of ../shared/data.
 
     python benchmarks/segment_latency.py [--device cpu|cuda] [--clicks 3] [--arch published|small]
+    python benchmarks/segment_latency.py --real-lesions [--scales 1 2] [--checkpoint PATH] [--json OUT]
 
 Uses the full thin-slice chest CT ../shared/data/lidc0314 (275 x 512 x 512, point on its nodule) when
 present, else a synthetic CT of the same size; the published ResEnc-L architecture with random weights
@@ -11,6 +13,12 @@ present, else a synthetic CT of the same size; the published ResEnc-L architectu
   the same run, and the ratio;
 - peak memory of a click beyond the network's own forward pass, on the full scan and on a 96^3 crop
   (each measured in a fresh process), to show it does not grow with the scan size.
+
+--real-lesions: the bundled model (or --checkpoint), one click at the lesion's point and one box per real
+lesion of ../shared/data/cases.json, growth off (the published single patch) and on: Dice against the real
+mask, voxels, tiles, why growth stopped, seconds. ``--scales 2`` also runs each CT with its voxel spacing
+doubled: the same anatomy and mask, 8x the volume, so that lesions outgrow the bundled model's 80 x 72 x 72 mm
+patch (the real data holds no lesion that large).
 """
 from __future__ import annotations
 
@@ -75,17 +83,18 @@ def child(mode: str, ckpt: str, device: str) -> dict:
     """Run one measured action in this (fresh) process; peak RSS above the state just before it."""
     import torch
 
-    from LesionLocatorLib.segment.segmenter import LesionSegmenter
+    from LesionLocatorLib.model.engine import LesionLocatorModel
 
     torch.set_grad_enabled(False)
-    seg = LesionSegmenter.from_checkpoint(ckpt, "point", device=device)
+    model = LesionLocatorModel(ckpt, device=device)
+    seg = model.session()
     img, _ = load_image(crop=(mode == "click_crop"))
     point = (48, 48, 48) if mode == "click_crop" else NODULE
     if mode == "forward":
-        cfg = seg.model("point").config
-        x = torch.zeros((1, 2, *cfg.patch_size), device=seg.device)
+        cfg = model.config("point")
+        x = torch.zeros((1, 2, *cfg.patch_size), device=model.device)
         before = rss_mb()
-        seg.model("point").networks[0](x)
+        model.prompt_model("point").networks[0](x)
     else:
         seg.set_image(img)
         before = rss_mb()
@@ -128,28 +137,38 @@ def main() -> None:
     ap.add_argument("--no-memory", action="store_true", help="skip the per-process memory measurements")
     ap.add_argument("--child")
     ap.add_argument("--ckpt")
+    ap.add_argument("--real-lesions", action="store_true", help="growth on/off on ../shared/data's real lesions")
+    ap.add_argument("--scales", type=float, nargs="+", default=[1.0, 2.0],
+                    help="with --real-lesions: voxel-spacing factors (2: lesions 8x the volume)")
+    ap.add_argument("--checkpoint", default=None, help="with --real-lesions: model (default: the bundled one)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--json", default=None, help="with --real-lesions: write the rows here")
     args = ap.parse_args()
     if args.child:
         print(json.dumps(child(args.child, args.ckpt, args.device)))
         return
+    if args.real_lesions:
+        real_lesions(args)
+        return
     import torch
 
-    from LesionLocatorLib.segment.segmenter import LesionSegmenter
+    from LesionLocatorLib.model.engine import LesionLocatorModel
     from LesionLocatorLib.model.tiny_model import write_random_checkpoint
 
     tmp = tempfile.mkdtemp(prefix="ll_bench_")
     ckpt = str(write_random_checkpoint(tmp, kinds=("point",), **ARCH[args.arch]))
-    seg = LesionSegmenter.from_checkpoint(ckpt, "point", device=args.device)
-    if seg.device.type == "cuda":
-        seg.warmup("point")
+    model = LesionLocatorModel(ckpt, device=args.device)
+    seg = model.session()
+    if model.device.type == "cuda":
+        model.warmup("point")
     img, source = load_image()
     print(f"image: {source}, shape {img.shape}, spacing {tuple(round(s, 3) for s in img.spacing)}")
-    print(f"device: {seg.device} ({torch.cuda.get_device_name() if seg.device.type == 'cuda' else os.cpu_count()} "
-          f"{'' if seg.device.type == 'cuda' else 'CPU cores'}), torch {torch.__version__}, arch {args.arch}, "
-          f"patch {seg.model('point').config.patch_size}")
+    print(f"device: {model.device} ({torch.cuda.get_device_name() if model.device.type == 'cuda' else os.cpu_count()} "
+          f"{'' if model.device.type == 'cuda' else 'CPU cores'}), torch {torch.__version__}, arch {args.arch}, "
+          f"patch {model.config('point').patch_size}")
 
     def sync():
-        if seg.device.type == "cuda":
+        if model.device.type == "cuda":
             torch.cuda.synchronize()
 
     t0 = time.perf_counter()
@@ -162,12 +181,12 @@ def main() -> None:
         seg.segment(points={1: p})
         sync()
         clicks.append(time.perf_counter() - t0)
-    cfg = seg.model("point").config
-    x = torch.zeros((1, 2, *cfg.patch_size), device=seg.device)
-    net = seg.model("point").networks[0]
+    cfg = model.config("point")
+    x = torch.zeros((1, 2, *cfg.patch_size), device=model.device)
+    net = model.prompt_model("point").networks[0]
     from LesionLocatorLib.model import devices
 
-    with torch.inference_mode(), devices.autocast(seg.device):
+    with torch.inference_mode(), devices.autocast(model.device):
         net(x)
         sync()
         t0 = time.perf_counter()
@@ -190,6 +209,63 @@ def main() -> None:
               f"(beyond the forward: {mem['click_full'] - mem['forward']:.0f} MB)")
         print(f"peak memory of a click on a 96^3 crop:       {mem['click_crop']:8.0f} MB "
               f"(beyond the forward: {mem['click_crop'] - mem['forward']:.0f} MB)")
+
+
+def real_lesions(args) -> None:
+    """One click and one box per real lesion, growth off and on (see the module docstring)."""
+    import torch
+
+    from LesionLocatorLib.core.geometry import Volume
+    from LesionLocatorLib.core.image_io import read_image
+    from LesionLocatorLib.model.engine import LesionLocatorModel
+
+    torch.set_num_threads(args.threads)
+    data = REPO.parent / "shared" / "data"
+    cases = json.loads((data / "cases.json").read_text(encoding="utf-8"))
+    model = LesionLocatorModel(args.checkpoint, device=args.device)
+    print(f"model: {args.checkpoint or 'bundled'}, patch {model.config('point').patch_size} at "
+          f"{model.config('point').spacing} mm, device {model.device}, {args.threads} thread(s)")
+    print(f"{'lesion':<24} {'x':>3} {'ml':>5} {'prompt':<6} {'Dice off':>8} {'Dice on':>8} {'tiles':>5} "
+          f"{'stop':<11} {'s off':>6} {'s on':>6}")
+    rows = []
+    for scale in args.scales:
+        for name, case in cases.items():
+            folder = next(p for p in data.iterdir() if (p / case["image"]).exists())
+            img = read_image(folder / case["image"])
+            img = Volume(img.array, tuple(s * scale for s in img.spacing), img.origin, img.direction)
+            labels = read_image(folder / case["lesions"]).array
+            for lid, det in case["lesions_detail"].items():
+                truth = labels == int(lid)
+                ml = float(truth.sum() * np.prod(img.spacing) / 1000)
+                for kind in ("point", "box"):
+                    row = {"lesion": f"{name}#{lid}", "scale": scale, "ml": round(ml, 1), "prompt": kind}
+                    for grow in (False, True):
+                        s = model.session(grow=grow)
+                        s.set_image(img)
+                        t0 = time.perf_counter()
+                        r = s.segment(points={1: det["point"]}) if kind == "point" else s.segment(boxes={1: det["box"]})
+                        dt = time.perf_counter() - t0
+                        mask = r.mask(1).astype(bool)
+                        d = s.last_debug[1]
+                        key = "on" if grow else "off"
+                        row[f"dice_{key}"] = round(float(2 * (mask & truth).sum() / max(mask.sum() + truth.sum(), 1)), 3)
+                        row[f"seconds_{key}"] = round(dt, 2)
+                        row[f"tiles_{key}"] = d.tiles
+                        row[f"ml_{key}"] = round(float(mask.sum() * np.prod(img.spacing) / 1000), 1)
+                        row["stop"] = d.growth_stop
+                    rows.append(row)
+                    print(f"{row['lesion']:<24} {scale:>3g} {ml:>5.0f} {kind:<6} {row['dice_off']:>8.3f} "
+                          f"{row['dice_on']:>8.3f} {row['tiles_on']:>5} {row['stop']:<11} {row['seconds_off']:>6.2f} "
+                          f"{row['seconds_on']:>6.2f}", flush=True)
+    for scale in args.scales:
+        for kind in ("point", "box"):
+            sel = [r for r in rows if r["scale"] == scale and r["prompt"] == kind]
+            if sel:
+                print(f"mean Dice x{scale:g} {kind}: off {np.mean([r['dice_off'] for r in sel]):.3f}, "
+                      f"on {np.mean([r['dice_on'] for r in sel]):.3f} ({sum(r['tiles_on'] > r['tiles_off'] for r in sel)}"
+                      f"/{len(sel)} grew)")
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1), encoding="utf-8")
 
 
 if __name__ == "__main__":

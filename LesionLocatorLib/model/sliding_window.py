@@ -42,13 +42,19 @@ def tiles_for_prompt(padded_shape: Sequence[int], patch: Sequence[int], bbox_lo:
 
 
 def window_tiles(padded_shape: Sequence[int], patch: Sequence[int], lo: Sequence[int], hi: Sequence[int],
-                 step: float = 0.5) -> list[Tile]:
+                 step: float = 0.5, min_overlap: Sequence[int] | None = None) -> list[Tile]:
     """The nnU-Net sliding-window tiles (steps over the whole padded image) that overlap the inclusive
-    box [lo, hi]; also where a lesion's prediction grows past its patch (segment/growth.py)."""
+    box [lo, hi]; also where a lesion's prediction grows past its patch (segment/growth.py).
+
+    ``min_overlap`` (per axis): keep only tiles that overlap the box by at least that many voxels (or by the
+    whole box where it is shorter). Up to half a patch this still covers every voxel of the box: on each
+    axis the tile with the last start at or before a voxel reaches at least half a patch past it.
+    """
     steps = sliding_window_steps(padded_shape, patch, step)
     keep = []
     for ax in range(3):
-        keep.append([s for s in steps[ax] if s <= hi[ax] and s + patch[ax] > lo[ax]])
+        need = 1 if min_overlap is None else max(1, min(int(min_overlap[ax]), hi[ax] - lo[ax] + 1))
+        keep.append([s for s in steps[ax] if min(s + patch[ax], hi[ax] + 1) - max(s, lo[ax]) >= need])
     return [((z, z + patch[0]), (y, y + patch[1]), (x, x + patch[2]))
             for z in keep[0] for y in keep[1] for x in keep[2]]
 

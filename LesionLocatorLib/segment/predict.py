@@ -175,7 +175,7 @@ def _predict_region(prepared: PreparedImage, kind: str, enc: EncodedPrompt, tile
     cfg = model.config(kind)
     region_p = union_box(tiles)
     x_region, values_box = _region_input(prepared, kind, enc, region_p)
-    gauss = torch.from_numpy(np.array(gaussian_importance(tuple(cfg.patch_size))))
+    gauss = torch.from_numpy(np.array(gaussian_importance(tuple(cfg.patch_size)))).to(model.device)
     outcome = GrowthOutcome(tiles=list(tiles), stop=OFF)
     canvas: Optional[Canvas] = None
     with torch.inference_mode():
@@ -250,4 +250,6 @@ def _grow(prepared: PreparedImage, kind: str, enc: EncodedPrompt, tiles: Tiles, 
             outcome.stop = COMPLETE
             break
         lesion_box = bbox_of(lesion, [a for a, _ in canvas.box])
+    if lesion.any():
+        canvas.keep_only(lesion)  # the clicked lesion, not what else the added tiles saw
     return canvas
