@@ -50,10 +50,12 @@ def _check_window(window: Sequence[Sequence[int]] | None, shape: tuple[int, int,
 def nearest_exact_indices(n_in: int, n_out: int) -> np.ndarray:
     """Source index of every output index for torch's ``mode='nearest-exact'`` resize along one axis.
 
-    Computed by torch itself so that resizing by fancy indexing matches ``F.interpolate`` bit for bit.
+    Computed by torch itself, on a float32 tensor as in the published pipeline (its prompts are float32): for
+    some sizes (242 -> 175, 402 -> 175) a float64 tensor gives another source index for one output index.
     """
-    src = torch.arange(n_in, dtype=torch.float64).view(1, 1, n_in)
-    return F.interpolate(src, size=int(n_out), mode="nearest-exact")[0, 0].numpy().astype(np.int64)
+    src = torch.arange(n_in, dtype=torch.float32).view(1, 1, n_in, 1, 1)
+    out = F.interpolate(src, size=(int(n_out), 1, 1), mode="nearest-exact")[0, 0, :, 0, 0]
+    return out.numpy().astype(np.int64)
 
 
 def resize_nearest_exact(array: np.ndarray, shape: Sequence[int]) -> np.ndarray:
@@ -379,7 +381,9 @@ def z_align(
     If the z sizes differ by more than ``threshold`` voxels, both are resized in-plane to ``inplane`` squared
     (trilinear, align_corners=False), the shorter is slid along z over the longer, and the offset with the lowest
     mean squared error wins (the first one on ties); the longer scan is cropped to that window. Otherwise both are
-    used whole.
+    used whole. As published, the offsets tried are 0 .. difference - 1: the last offset (the shorter scan flush
+    with the end of the longer) is never tried. The weights do not depend on this search range, but the
+    published results do, so it is kept.
     """
     zb, zf = int(baseline.shape[0]), int(followup.shape[0])
     if abs(zb - zf) <= threshold:
@@ -393,7 +397,7 @@ def z_align(
     sq_long = (long_ * long_).sum(dim=1)
     sq_short = float((short * short).sum())
     cum = torch.cat([torch.zeros(1, dtype=sq_long.dtype, device=sq_long.device), torch.cumsum(sq_long, 0)])
-    offsets = torch.arange(nl - ns + 1, device=gram.device)
+    offsets = torch.arange(nl - ns, device=gram.device)  # published range: the last offset is never tried
     diag_idx = offsets[:, None] + torch.arange(ns, device=gram.device)[None, :]
     cross = gram[diag_idx, torch.arange(ns, device=gram.device)[None, :]].sum(dim=1)
     mse = (cum[offsets + ns] - cum[offsets] - 2 * cross + sq_short) / (ns * long_.shape[1])
@@ -453,8 +457,13 @@ class LearnedPropagator:
         for name, a in (("baseline", baseline_pp), ("follow-up", followup_pp)):
             if np.ndim(a) != 3:
                 raise DeformationError(f"{name} must be a 3D preprocessed array, got shape {np.shape(a)}")
-        baseline_pp = np.asarray(baseline_pp, dtype=np.float32)
-        followup_pp = np.asarray(followup_pp, dtype=np.float32)
+        # float16 (the published rounding, exact in float32) or float32 arrays are used as they are
+        baseline_pp = np.asarray(baseline_pp)
+        followup_pp = np.asarray(followup_pp)
+        if baseline_pp.dtype not in (np.float16, np.float32):
+            baseline_pp = baseline_pp.astype(np.float32)
+        if followup_pp.dtype not in (np.float16, np.float32):
+            followup_pp = followup_pp.astype(np.float32)
         for name, a in (("baseline", baseline_pp), ("follow-up", followup_pp)):
             if not np.all(np.isfinite(a)):
                 raise DeformationError(f"{name} contains NaN or infinite values")

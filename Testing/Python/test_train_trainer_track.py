@@ -76,13 +76,15 @@ def test_joint_training_writes_track_checkpoint(pairs, seg_model, tmp_path):
 
     # the library's tracker loads the trained checkpoint unchanged and tracks a mask prompt
     from LesionLocatorLib.synthetic.phantom import make_phantom
-    from LesionLocatorLib.track.tracker import LesionTracker
+    from LesionLocatorLib.model.engine import LesionLocatorModel
     from train.synthesize import synthesize_pair
 
     ct, lab = make_phantom((40, 64, 64), (2.5, 2.0, 2.0), n_lesions=1, seed=11)
     fu, _, _ = synthesize_pair(ct, lab, 3, augment=False)
-    tracker = LesionTracker.from_checkpoint(tmp_path, device="cpu")
-    results = tracker.track(ct, [fu], lab.array.astype(np.int32))
+    tracker = LesionLocatorModel(tmp_path, device="cpu").tracker()
+    assert (tracker.propagation, tracker.refine) == ("learned", "unet")
+    tracker.set_images(ct, [fu])
+    results = tracker.track(lab.array.astype(np.int32)).followups
     assert len(results) == 1 and set(results[0].lesions) == {1}
 
 
