@@ -269,7 +269,8 @@ def test_several_boxes_in_a_row(rig):
         rig.click_box_corner(roi, lo)
         rig.click_box_corner(roi, hi)
         rig.settle()
-    assert rig.ctl.jobsStarted == 2
+    assert rig.view.errors == []
+    assert rig.ctl.jobsStarted == 2, rig.view.statuses
     assert rig.segment_ids() == ["Lesion_1", "Lesion_2"]
     assert [rig.LL.lesionIdOfROI(r) for r in rig.ctl.promptBoxes()] == [1, 2]
 
