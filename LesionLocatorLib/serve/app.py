@@ -208,6 +208,8 @@ def create_app(cfg: ServerConfig, service: Optional[ModelService] = None) -> Fas
             state.store.delete(session_id, owner)
         except SessionNotFound as exc:
             raise error_for(exc) from None
+        # the model-side state of its images (grids, crops) goes now, not with the next model job
+        state.worker.post(lambda: state.service.prune(state.store.live_keys()))
         return {"deleted": session_id}
 
     @router.put(f"{API}/sessions/{{session_id}}/image", summary="Upload a scan (wire volume container, streamed)",

@@ -54,6 +54,14 @@ class ModelWorker:
             self._pending += 1
         return self._pool.submit(self._wrap, fn, args).result()
 
+    def post(self, fn: Callable[..., Any], *args: Any) -> None:
+        """Queue housekeeping without waiting for it (skipped when the queue is full: the next job redoes it)."""
+        with self._lock:
+            if self._pending >= self.max_queue:
+                return
+            self._pending += 1
+        self._pool.submit(self._wrap, fn, args)
+
     async def run(self, fn: Callable[..., Any], *args: Any) -> Any:
         with self._lock:
             if self._pending >= self.max_queue:

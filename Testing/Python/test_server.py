@@ -305,8 +305,12 @@ def test_round_trip_equals_in_process(srv, local):
         info = raw(srv, "GET", f"/v1/sessions/{rs.session_id}", client_key=key).json()
         assert info["uploads"] == 1 and info["requests"] >= len(clicks)
         sid = rs.session_id
-    # closing the backend deletes its server session
+    # closing the backend deletes its server session, and the model-side state of its image soon after
     assert raw(srv, "GET", f"/v1/sessions/{sid}", client_key=key).status_code == 404
+    deadline = time.monotonic() + 30
+    while any(k[0] == sid for k in list(srv.state.service._sessions)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(k[0] == sid for k in srv.state.service._sessions)
 
 
 def test_settings_travel_with_every_request(srv, checkpoint):
