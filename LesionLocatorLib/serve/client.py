@@ -460,16 +460,17 @@ class RemoteTracker(_ServerSession):
     def track(self, prompts: Any = None, *, points: Any = None, boxes: Any = None, masks: Any = None,
               space: str = "voxel", from_baseline: bool = False, progress: Optional[Progress] = None,
               cancel: Optional[threading.Event] = None) -> TrackingResult:
-        """Track lesions prompted on the baseline into every follow-up (see ``LesionTracker.track``)."""
+        """Track lesions prompted on the baseline into every follow-up (see ``LesionTracker.track``). One request:
+        progress reports its start and end; a cancel set before or during it raises ``Cancelled``."""
         from ..core.prompts import prompts_to_json
 
         if not self._images:
             raise RuntimeError("call set_images() before track()")
-        base, fus = self._images[0], self._images[1:]
+        base = self._images[0]
         todo = _resolve(base, prompts, points, boxes, masks, space)
         _check_cancel(cancel)
         if progress:
-            progress(0.0, f"tracking {len(todo)} lesion(s) into {len(fus)} follow-up(s) on {self.backend.url}")
+            progress(0.0, "baseline")  # as in-process; the server's steps in between are not streamed
         arrays: List[np.ndarray] = []
         body = {"baseline": self._hashes[0], "followups": self._hashes[1:], "prompts": prompts_to_json(todo, arrays),
                 "from_baseline": bool(from_baseline), "propagation": self._asked[0], "refine": self._asked[1],
@@ -478,6 +479,8 @@ class RemoteTracker(_ServerSession):
                                                          len(todo) * _reply_limit(self._images)))
         if reply.images != self._hashes:
             raise ProtocolMismatch(f"server {self.backend.url} answered for other images", url=self.backend.url)
+        # a cancel during the (uninterruptible) request: in-process it would have stopped between steps
+        _check_cancel(cancel)
         if progress:
             progress(1.0, "done")
         res = [SegmentationResult(v, lesions) for v, lesions in zip(self._images, reply.results)]

@@ -788,6 +788,15 @@ def test_track_round_trip_equals_in_process(srv, local):
                 assert_same(g, e)
             assert got.report().to_dict() == exp.report().to_dict()
         assert any(les.found for les in got.followups[0].lesions.values())
+        # progress starts and ends as in-process; a cancel raises Cancelled on both sides
+        seen = {"local": [], "remote": []}
+        for name, t in (("local", here), ("remote", there)):
+            t.track(points={1: (15, 24, 22)}, progress=lambda f, m, n=name: seen[n].append((f, m)))
+            cancel = threading.Event()
+            cancel.set()
+            with pytest.raises(Cancelled):
+                t.track(points={1: (15, 24, 22)}, cancel=cancel)
+        assert seen["local"][0] == seen["remote"][0] and seen["local"][-1] == seen["remote"][-1] == (1.0, "done")
         # a scan of another modality / field of view is refused at set_images, with the tracker's message
         from LesionLocatorLib.track.tracker import TrackingError
 
