@@ -8,6 +8,7 @@ QTimer semantics; it can hold the GIL between events the way Slicer's Qt event l
 from __future__ import annotations
 
 import ctypes
+import gc
 import importlib.util
 import sys
 import threading
@@ -159,6 +160,9 @@ def add_singletons(scene):
 
 class Rig:
     def __init__(self, mods, model, hold_gil=False):
+        # destroy the MRML objects of earlier tests now, on this thread: left to the cyclic GC they can be
+        # destroyed on a worker thread in the middle of this test, concurrently with MRML's event broker
+        gc.collect()
         self.LL, self.C = mods
         self.scene = slicer.vtkMRMLScene()
         add_singletons(self.scene)
@@ -196,6 +200,8 @@ class Rig:
 
     def close(self):
         self.ctl.cleanup()
+        self.ctl.waitForJob(60)  # no worker left running into the next test
+        gc.collect()
 
 
 @pytest.fixture
