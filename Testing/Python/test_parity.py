@@ -14,7 +14,8 @@ from LesionLocatorLib.core.image_io import read_image
 from LesionLocatorLib.model.preprocessing import normalize_ct
 from LesionLocatorLib.core.prompts import load_prompt_json
 from LesionLocatorLib.model.resampling import whole_box
-from LesionLocatorLib.segment.segmenter import LesionSegmenter
+from LesionLocatorLib.model.engine import LesionLocatorModel
+from LesionLocatorLib.segment.session import SegmentSession
 
 from conftest import DATA, PARITY, require
 
@@ -32,14 +33,14 @@ def ref_dirs():
     return sorted(p for p in (PARITY / "refs").glob("*/*/*") if (p / "meta.json").is_file())
 
 
-_SEGMENTERS: dict = {}
+_MODELS: dict = {}
 
 
-def segmenter(ckpt_dir: str, kind: str, tta: bool) -> LesionSegmenter:
-    key = (ckpt_dir, kind, tta)
-    if key not in _SEGMENTERS:
-        _SEGMENTERS[key] = LesionSegmenter.from_checkpoint(PARITY / ckpt_dir, kind, device="cpu", tta=tta)
-    return _SEGMENTERS[key]
+def segmenter(ckpt_dir: str, kind: str, tta: bool) -> SegmentSession:
+    """A session with the published single-patch behaviour (``grow=False``: no growth past the patch)."""
+    if ckpt_dir not in _MODELS:
+        _MODELS[ckpt_dir] = LesionLocatorModel(PARITY / ckpt_dir, device="cpu", grow=False)
+    return _MODELS[ckpt_dir].session(tta=tta)
 
 
 def dice(a, b):
@@ -52,7 +53,7 @@ def run_case(ref):
     image = read_image(require(IMAGES[case]))
     seg = segmenter("ckpt_scipy" if "scipy" in mode else "ckpt", kind, meta["tta"])
     seg.set_image(image)
-    result = seg.segment_prompts(load_prompt_json(ref / "prompt.json"), return_probabilities=True)
+    result = seg.segment(load_prompt_json(ref / "prompt.json"), return_probabilities=True)
     return meta, image, seg, result
 
 
@@ -60,7 +61,7 @@ def run_case(ref):
 def test_matches_published_pipeline(ref):
     meta, image, seg, result = run_case(ref)
     kind = ref.parts[-2]
-    grid = seg.grid(kind)
+    grid = seg.prepared.grid(kind)
     props = meta["properties"]
     assert [list(b) for b in grid.crop] == props["bbox_used_for_cropping"]
     assert list(grid.resampled_shape) == meta["preprocessed_shape_czyx"][1:]
@@ -92,8 +93,8 @@ def test_preprocessed_image_matches():
     seg = segmenter("ckpt", "point", False)
     image = read_image(require(IMAGES["STS_002"]))
     seg.set_image(image)
-    grid = seg.grid("point")
-    stats = seg.model("point").config.ct_stats
+    grid = seg.prepared.grid("point")
+    stats = seg.model.config("point").ct_stats
     src = image.array[tuple(slice(a, b) for a, b in grid.crop)]
     got = grid.forward.image_region(src, whole_box(grid.resampled_shape), lambda a: normalize_ct(a, stats))
     assert got.shape == expected.shape
