@@ -23,7 +23,7 @@ _LAZY = {
     "LocalBackend": "backend",
     "LesionLocatorModel": "model.engine",
     "SegmentSession": "segment.session",
-    "Cancelled": "segment.session",
+    "Cancelled": "core.jobs",
     "LesionTracker": "track.tracker",
     "TrackingError": "track.tracker",
     "CheckpointError": "model.checkpoint",

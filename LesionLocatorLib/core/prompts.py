@@ -125,6 +125,8 @@ def box_from_world(corner_a: Sequence[float], corner_b: Sequence[float], image: 
 # every point is segmented and the masks are united (each point is a published single-point prompt).
 
 LesionPrompts = Dict[int, List[Prompt]]
+# every way a caller may hand prompts to a session or tracker (see ``resolve_prompts``)
+PromptsArg = Union[Mapping[Any, Union[Prompt, Sequence[Prompt]]], np.ndarray, None]
 SPACES = ("voxel", "lps", "ras")
 JSON_KINDS = ("point", "box", "mask", "point_lps", "point_ras", "box_lps", "box_ras")
 
@@ -209,6 +211,25 @@ def collect_prompts(image: Optional[Volume] = None, points: Any = None, boxes: A
             for lid, m in _per_lesion(masks):
                 out.setdefault(_check_id(lid), []).append(as_mask_prompt(m, None if image is None else image.shape))
     return dict(sorted(out.items()))
+
+
+def resolve_prompts(image: Volume, prompts: PromptsArg, points: Any, boxes: Any, masks: Any,
+                    space: str) -> LesionPrompts:
+    """Every way of giving prompts -> validated ``LesionPrompts`` on ``image`` (one code path)."""
+    if prompts is not None and (points is not None or boxes is not None or masks is not None):
+        raise PromptError("give prompts either as one mapping / label map or as points=/boxes=/masks=")
+    if isinstance(prompts, np.ndarray):
+        todo = collect_prompts(image, masks=prompts)
+    elif prompts is not None:
+        todo = lesion_prompts(prompts)
+    else:
+        todo = collect_prompts(image, points, boxes, masks, space)
+    if not todo:
+        raise PromptError("no prompt given")
+    for items in todo.values():
+        for p in items:
+            validate(p, image.shape)
+    return todo
 
 
 def as_mask_prompt(value: Any, shape: Optional[Sequence[int]] = None) -> "Mask":

@@ -8,28 +8,17 @@ from __future__ import annotations
 
 import os
 import threading
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Union
+from typing import Any, Dict, List, Optional, Sequence, Union
 
 import numpy as np
 
 from ..core.geometry import Volume
-from ..core.prompts import (Box, LesionPrompts, Mask, Point, Prompt, PromptError, collect_prompts, effective,
-                            encode_prompt, lesion_prompts, validate)
+from ..core.jobs import Cancelled, Progress, check_cancel  # noqa: F401 (Cancelled: what segment() raises)
+from ..core.prompts import Box, Mask, Point, Prompt, PromptsArg, effective, encode_prompt, resolve_prompts
 from ..core.results import LesionMask, LesionStatus, SegmentationResult, bbox_slices, tight_bbox
 from ..model.engine import Folds, LesionLocatorModel
 from .predict import LesionDebug, PreparedImage, load_volume, predict_lesion
 
-Progress = Callable[[float, str], None]
-PromptsArg = Union[Mapping[Any, Union[Prompt, Sequence[Prompt]]], np.ndarray, None]
-
-
-class Cancelled(RuntimeError):
-    """The caller's cancel event was set; the work stopped between two steps."""
-
-
-def check_cancel(cancel: Optional[threading.Event]) -> None:
-    if cancel is not None and cancel.is_set():
-        raise Cancelled("cancelled")
 
 
 class SegmentSession:
@@ -120,25 +109,6 @@ class SegmentSession:
         if isinstance(prompt, Box):
             return "box"
         return "box" if self.model.has("box") else "point"
-
-
-def resolve_prompts(image: Volume, prompts: PromptsArg, points: Any, boxes: Any, masks: Any,
-                    space: str) -> LesionPrompts:
-    """Every way of giving prompts -> validated ``LesionPrompts`` on ``image`` (one code path)."""
-    if prompts is not None and (points is not None or boxes is not None or masks is not None):
-        raise PromptError("give prompts either as one mapping / label map or as points=/boxes=/masks=")
-    if isinstance(prompts, np.ndarray):
-        todo = collect_prompts(image, masks=prompts)
-    elif prompts is not None:
-        todo = lesion_prompts(prompts)
-    else:
-        todo = collect_prompts(image, points, boxes, masks, space)
-    if not todo:
-        raise PromptError("no prompt given")
-    for items in todo.values():
-        for p in items:
-            validate(p, image.shape)
-    return todo
 
 
 def unite(parts: Sequence[LesionMask]) -> LesionMask:

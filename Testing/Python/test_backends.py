@@ -97,7 +97,7 @@ def data(tmp_path_factory):
 def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny")
     write_random_checkpoint(root, patch_size=(32, 48, 48), seed=3)
-    write_random_track_checkpoint(root, patch_size=(32, 48, 48), registration_size=(33, 33, 33), seed=4)
+    write_random_track_checkpoint(root, patch_size=(32, 48, 48), registration_size=(65, 65, 65), seed=4)
     return root
 
 
