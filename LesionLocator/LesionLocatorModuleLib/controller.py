@@ -32,6 +32,7 @@ import time
 from typing import Any, Callable, Dict, List, Optional
 
 import slicer
+import vtk
 
 import LesionLocator as LL  # the scripted module (already loaded: the widget imports this package lazily)
 
@@ -127,6 +128,7 @@ class LesionLocatorController:
         self._flushScheduled = False
         self._observations: list = []  # (node, tag)
         self._pointPositions: Dict[str, Any] = {}
+        self._placedBoxIDs: set = set()  # boxes whose placement was already reported (segmented once)
         self.jobsStarted = 0  # how many inference jobs ran (tests, diagnostics)
 
     # -- scene helpers ------------------------------------------------------------------------------------
@@ -206,8 +208,13 @@ class LesionLocatorController:
             self._observe(s.promptPoints, M.PointPositionDefinedEvent, self._onPointsDefined)
             self._observe(s.promptPoints, M.PointEndInteractionEvent, self._onPointsMoved)
         for roi in self.promptBoxes():
-            self._observe(roi, M.PointPositionDefinedEvent, self._onBoxDefined)
+            # a box counts as drawn once it is fully placed, whichever of these events shows it first: the ROI
+            # node replaces its two corner points by a centre point inside a modify block, and the order in
+            # which the queued point events then arrive is not something to rely on
+            for event in (M.PointPositionDefinedEvent, M.PointModifiedEvent, vtk.vtkCommand.ModifiedEvent):
+                self._observe(roi, event, self._onBoxDefined)
             self._observe(roi, M.PointEndInteractionEvent, self._onBoxMoved)
+        self._placedBoxIDs = {roi.GetID() for roi in self.promptBoxes() if LL.roiIsPlaced(roi)}
         interaction = self.interactionNode()
         if interaction is not None:
             self._observe(interaction, interaction.InteractionModeChangedEvent, self._onInteractionModeChanged)
@@ -256,8 +263,9 @@ class LesionLocatorController:
         self._promptsChanged(changed)
 
     def _onBoxDefined(self, roi) -> None:
-        if not LL.roiIsPlaced(roi):  # first click of two: nothing to segment yet
+        if roi.GetID() in self._placedBoxIDs or not LL.roiIsPlaced(roi):  # done before, or first click of two
             return
+        self._placedBoxIDs.add(roi.GetID())
         if LL.lesionIdOfROI(roi) is None:
             LL.setLesionIdOfROI(roi, self.state.currentLesionId)
         self._promptsChanged({LL.lesionIdOfROI(roi)})
