@@ -248,7 +248,8 @@ def real_lesions(args) -> None:
                         mask = r.mask(1).astype(bool)
                         d = s.last_debug[1]
                         key = "on" if grow else "off"
-                        row[f"dice_{key}"] = round(float(2 * (mask & truth).sum() / max(mask.sum() + truth.sum(), 1)), 3)
+                        overlap = 2 * (mask & truth).sum() / max(mask.sum() + truth.sum(), 1)
+                        row[f"dice_{key}"] = round(float(overlap), 3)
                         row[f"seconds_{key}"] = round(dt, 2)
                         row[f"tiles_{key}"] = d.tiles
                         row[f"ml_{key}"] = round(float(mask.sum() * np.prod(img.spacing) / 1000), 1)
@@ -261,9 +262,9 @@ def real_lesions(args) -> None:
         for kind in ("point", "box"):
             sel = [r for r in rows if r["scale"] == scale and r["prompt"] == kind]
             if sel:
+                grew = sum(r["tiles_on"] > r["tiles_off"] for r in sel)
                 print(f"mean Dice x{scale:g} {kind}: off {np.mean([r['dice_off'] for r in sel]):.3f}, "
-                      f"on {np.mean([r['dice_on'] for r in sel]):.3f} ({sum(r['tiles_on'] > r['tiles_off'] for r in sel)}"
-                      f"/{len(sel)} grew)")
+                      f"on {np.mean([r['dice_on'] for r in sel]):.3f} ({grew}/{len(sel)} grew)")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1), encoding="utf-8")
 

@@ -16,7 +16,7 @@ from scipy import ndimage
 from LesionLocatorLib.core.geometry import Volume
 from LesionLocatorLib.core.prompts import Box, EncodedPrompt, Point, encode_prompt
 from LesionLocatorLib.model.engine import LesionLocatorModel
-from LesionLocatorLib.model.sliding_window import gaussian_importance, union_box, window_tiles
+from LesionLocatorLib.model.sliding_window import gaussian_importance, sliding_window_steps, window_tiles
 from LesionLocatorLib.model.tiny_model import write_random_checkpoint, write_random_track_checkpoint
 from LesionLocatorLib.segment import growth
 from LesionLocatorLib.segment.growth import Canvas, GrowthLimits, lesion_of, next_tiles, open_faces
@@ -116,6 +116,28 @@ def test_click_grows_to_the_whole_lesion(ckpt, big_lesion):
     covered = prob > 0
     assert covered[truth].all()
     np.testing.assert_allclose(prob[covered], expected[covered], atol=2e-6)
+
+
+def test_published_plans_click_covers_a_lesion_longer_than_the_patch(tmp_path):
+    """The published plans (patch 160 x 224 x 224 at 1 x 0.8 x 0.8 mm; random weights, replaced by the
+    thresholding net): a click on a lesion 1.8 patches long gives the whole lesion, default limits."""
+    write_random_checkpoint(tmp_path, kinds=("point",), patch_size=(160, 224, 224), features_per_stage=(2, 2, 2, 2))
+    m = threshold_model(tmp_path / "LesionLocatorCheckpoint")
+    shape, centre = (160, 224, 480), (80, 112, 240)
+    arr = ellipsoid(shape, centre, (40, 60, 200))
+    image = Volume(arr, spacing=(1.0, 0.8, 0.8))
+    masks, debugs = [], []
+    for grow in (False, True):
+        s = m.session(grow=grow)
+        s.set_image(image)
+        masks.append(s.segment(points={1: centre}).mask(1).astype(bool))
+        debugs.append(s.last_debug[1])
+    assert debugs[0].tiles == 1 and masks[0].sum() < 0.8 * (arr > 0).sum()
+    dbg = debugs[1]
+    assert dbg.grown and dbg.growth_stop == growth.COMPLETE
+    assert dbg.tiles_start_stop_zyx[0] == [[0, 160], [0, 224], [128, 352]]  # the published centred patch
+    assert sorted(t[2][0] for t in dbg.tiles_start_stop_zyx[1:]) == sliding_window_steps(shape, (160, 224, 224))[2]
+    np.testing.assert_array_equal(masks[1], arr > 0)
 
 
 def test_published_blend_of_every_tile_and_stop_at_max_tiles(ckpt, big_lesion):
