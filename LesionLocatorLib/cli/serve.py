@@ -36,9 +36,37 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                                                             "(default 1024)")
     parser.add_argument("--max-request-mb", type=float, default=64.0,
                         help="cap of any other request body in MiB (default 64)")
-    parser.add_argument("--max-cache-mb", type=float, default=8192.0,
-                        help="memory for the scans of all sessions in MiB (default 8192)")
+    parser.add_argument("--max-cache-mb", type=float, default=None,
+                        help="memory for the scans of all sessions in MiB (default: a quarter of physical memory, "
+                             "at most 8192)")
     parser.add_argument("--max-queue", type=int, default=64, help="model jobs waiting at once (default 64)")
+    # per-client quotas: a client is a token + client key; one client never evicts another's data
+    parser.add_argument("--max-sessions-per-client", type=int, default=None,
+                        help="sessions one client holds at once (default: a quarter of --max-sessions); a new one "
+                             "evicts that client's own oldest")
+    parser.add_argument("--max-cache-mb-per-client", type=float, default=None,
+                        help="scan memory of one client in MiB (default: a quarter of --max-cache-mb)")
+    parser.add_argument("--max-queue-per-client", type=int, default=4,
+                        help="model requests one client has waiting (default 4; more get 429); clients are served "
+                             "round-robin")
+    parser.add_argument("--max-work", type=int, default=256,
+                        help="work one request may ask for, in tile passes = sliding-window tiles over each "
+                             "lesion's prompt x folds x TTA mirrors (default 256; more get 413 too_much_work)")
+    parser.add_argument("--max-mask-voxels", type=int, default=2**27,
+                        help="foreground voxels of all mask prompts of one request (default 134217728; more: 413)")
+    parser.add_argument("--request-deadline", type=float, default=300.0,
+                        help="seconds a model request may wait and run before it is dropped between lesions "
+                             "(default 300)")
+    parser.add_argument("--upload-slots", type=int, default=2,
+                        help="uploads decoded at once, at most one per client (default 2)")
+    parser.add_argument("--upload-slot-timeout", type=float, default=10.0,
+                        help="seconds an upload waits for a free slot before 503 uploads_busy (default 10)")
+    parser.add_argument("--upload-min-rate-kbps", type=float, default=64.0,
+                        help="minimum average upload rate in KiB/s after the first 30 s (default 64; slower: 408)")
+    parser.add_argument("--limit-concurrency", type=int, default=64,
+                        help="open connections at once (default 64; more get 503)")
+    parser.add_argument("--shutdown-timeout", type=float, default=20.0,
+                        help="seconds SIGTERM waits for requests in flight before closing (default 20)")
     parser.add_argument("--session-ttl", type=float, default=3600.0,
                         help="idle seconds before a session expires (default 3600)")
     parser.add_argument("--tls-cert", help="PEM certificate: serve HTTPS (tokens otherwise travel in clear text)")
@@ -67,7 +95,12 @@ def config_from_args(args: argparse.Namespace) -> "ServerConfig":
         compile=args.compile, grow=args.grow, host=args.host, port=args.port, tokens=tokens,
         max_sessions=args.max_sessions,
         max_upload_mb=args.max_upload_mb, max_request_mb=args.max_request_mb,
-        max_cache_mb=args.max_cache_mb,
+        max_cache_mb=args.max_cache_mb, max_sessions_per_client=args.max_sessions_per_client,
+        max_cache_mb_per_client=args.max_cache_mb_per_client, max_queue_per_client=args.max_queue_per_client,
+        max_work=args.max_work, request_deadline_s=args.request_deadline, upload_slots=args.upload_slots,
+        upload_min_rate_kbps=args.upload_min_rate_kbps, limit_concurrency=args.limit_concurrency,
+        max_mask_voxels=args.max_mask_voxels, upload_slot_timeout_s=args.upload_slot_timeout,
+        shutdown_timeout_s=args.shutdown_timeout,
         max_queue=args.max_queue, session_ttl_s=args.session_ttl, warmup=not args.no_warmup,
         tls_cert=args.tls_cert, tls_key=args.tls_key)
 

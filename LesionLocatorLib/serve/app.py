@@ -19,7 +19,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable, List, Optional, Tuple, Type, TypeVar
+from typing import Any, Callable, List, Optional, Set, Tuple, Type, TypeVar
 
 import numpy as np
 from fastapi import APIRouter, Depends, FastAPI, Request
@@ -40,7 +40,6 @@ from .wire import (MEDIA_TYPE, PROTOCOL_VERSION, StreamDecoder, WireError, decod
 log = logging.getLogger("lesionlocator.server")
 
 API = "/v1"
-UPLOAD_SLOTS = 2  # uploads decoded at once (each holds one raw image in memory)
 M = TypeVar("M", bound=BaseModel)
 
 
@@ -77,8 +76,11 @@ def create_app(cfg: ServerConfig, service: Optional[ModelService] = None) -> Fas
     check_config(cfg)
     state = AppState(cfg=cfg,
                      store=SessionStore(max_sessions=cfg.max_sessions, idle_timeout_s=cfg.session_ttl_s,
-                                        max_bytes=cfg.max_cache_bytes),
-                     worker=ModelWorker(max_queue=cfg.max_queue), service=service or ModelService(cfg),
+                                        max_bytes=cfg.max_cache_bytes,
+                                        max_sessions_per_owner=cfg.max_sessions_per_client,
+                                        max_bytes_per_owner=cfg.max_cache_bytes_per_client),
+                     worker=ModelWorker(max_queue=cfg.max_queue, max_per_owner=cfg.max_queue_per_client),
+                     service=service or ModelService(cfg),
                      decode_pool=ThreadPoolExecutor(max_workers=2, thread_name_prefix="lesionlocator-decode"))
 
     @asynccontextmanager
@@ -95,7 +97,7 @@ def create_app(cfg: ServerConfig, service: Optional[ModelService] = None) -> Fas
             yield
         finally:
             sweeper.cancel()
-            state.worker.shutdown()
+            state.worker.shutdown(timeout_s=cfg.shutdown_timeout_s)
             state.decode_pool.shutdown(wait=False, cancel_futures=True)
 
     authenticate = Authenticate(cfg.tokens)
@@ -136,9 +138,10 @@ def create_app(cfg: ServerConfig, service: Optional[ModelService] = None) -> Fas
         except SessionNotFound as exc:
             raise error_for(exc) from None
 
-    async def on_worker(fn: Callable[..., Any], *args: Any) -> Any:
+    async def on_worker(request: Request, owner: str, fn: Callable[..., Any], *args: Any) -> Any:
         try:
-            return await state.worker.run(fn, *args)
+            return await state.worker.run(fn, *args, owner=owner, deadline=time.monotonic() + cfg.request_deadline_s,
+                                          disconnected=request.is_disconnected)
         except ApiError:
             raise
         except Exception as exc:  # noqa: BLE001 - a crashed request must not take the server down
@@ -178,7 +181,8 @@ def create_app(cfg: ServerConfig, service: Optional[ModelService] = None) -> Fas
         except Exception as exc:  # noqa: BLE001 - ImageNotFound -> 409
             raise error_for(exc) from None
 
-    upload_slots = asyncio.Semaphore(UPLOAD_SLOTS)
+    upload_slots = asyncio.Semaphore(cfg.upload_slots)
+    uploading: Set[str] = set()  # owners with an upload in progress (one each)
 
     # -- endpoints ------------------------------------------------------------------------------
     @router.get(f"{API}/health", summary="Liveness and readiness")
@@ -192,18 +196,29 @@ def create_app(cfg: ServerConfig, service: Optional[ModelService] = None) -> Fas
                 **state.service.describe(), "devices": available_devices(),
                 "max_upload_bytes": cfg.max_upload_bytes, "max_request_bytes": cfg.max_request_bytes,
                 "max_cache_bytes": cfg.max_cache_bytes, "session_ttl_s": cfg.session_ttl_s,
+                "limits": {"max_sessions": state.store.max_sessions,
+                           "max_sessions_per_client": state.store.max_sessions_per_owner,
+                           "max_cache_bytes_per_client": state.store.max_bytes_per_owner,
+                           "max_queue": cfg.max_queue, "max_queue_per_client": cfg.max_queue_per_client,
+                           "max_work": cfg.max_work, "max_mask_voxels": cfg.max_mask_voxels,
+                           "request_deadline_s": cfg.request_deadline_s, "upload_slots": cfg.upload_slots,
+                           "upload_min_rate_kbps": cfg.upload_min_rate_kbps},
                 "auth": bool(cfg.tokens), "media_type": MEDIA_TYPE}
 
     @router.post(f"{API}/sessions", status_code=201, summary="Create a session (bound to your credentials)")
-    async def create_session(owner: str = Depends(authenticate)) -> dict:
-        return {"session_id": state.store.create(owner).id, "idle_timeout_s": cfg.session_ttl_s}
+    async def create_session(owner: str = Depends(authenticate.owner)) -> dict:
+        try:
+            sid = state.store.create(owner).id
+        except Exception as exc:  # noqa: BLE001 - ServerFull -> 503 + Retry-After
+            raise error_for(exc) from None
+        return {"session_id": sid, "idle_timeout_s": cfg.session_ttl_s}
 
     @router.get(f"{API}/sessions/{{session_id}}", summary="Session state")
-    async def get_session(session_id: str, owner: str = Depends(authenticate)) -> dict:
+    async def get_session(session_id: str, owner: str = Depends(authenticate.owner)) -> dict:
         return session_of(owner, session_id).info()
 
     @router.delete(f"{API}/sessions/{{session_id}}", summary="Delete a session and its images")
-    async def delete_session(session_id: str, owner: str = Depends(authenticate)) -> dict:
+    async def delete_session(session_id: str, owner: str = Depends(authenticate.owner)) -> dict:
         try:
             state.store.delete(session_id, owner)
         except SessionNotFound as exc:
@@ -215,20 +230,36 @@ def create_app(cfg: ServerConfig, service: Optional[ModelService] = None) -> Fas
     @router.put(f"{API}/sessions/{{session_id}}/image", summary="Upload a scan (wire volume container, streamed)",
                 openapi_extra={"requestBody": {"required": True, "content": {
                     MEDIA_TYPE: {"schema": {"type": "string", "format": "binary"}}}}})
-    async def upload_image(request: Request, session_id: str, owner: str = Depends(authenticate)) -> dict:
+    async def upload_image(request: Request, session_id: str, owner: str = Depends(authenticate.owner)) -> dict:
         s = session_of(owner, session_id)
-        async with upload_slots:  # each decoding upload holds a whole raw image in memory: bound them
-            t0 = time.perf_counter()
-            dec = StreamDecoder(max_stream_bytes=cfg.max_upload_bytes, max_raw_bytes=cfg.max_cache_bytes,
-                                kinds=("volume",))
+        if owner in uploading:  # one upload per client: a trickling client cannot take every slot
+            raise ApiError(429, "upload_in_progress", "you already have an upload in progress; wait for it",
+                           headers={"Retry-After": "5"})
+        uploading.add(owner)
+        try:
+            try:  # a slot, or 503 soon: never an unbounded wait behind slow uploads
+                await asyncio.wait_for(upload_slots.acquire(), timeout=cfg.upload_slot_timeout_s)
+            except asyncio.TimeoutError:
+                raise ApiError(503, "uploads_busy", f"every upload slot ({cfg.upload_slots}) stayed busy for "
+                               f"{cfg.upload_slot_timeout_s:.0f} s; retry later", headers={"Retry-After": "10"}) from None
             try:
-                volume, digest = await _decode_stream(request, dec, state)
-            except WireError as exc:
-                raise error_for(exc) from None
-            try:
-                state.store.add_image(s, digest, volume)
-            except Exception as exc:  # noqa: BLE001 - CacheFull / SessionNotFound
-                raise error_for(exc) from None
+                t0 = time.perf_counter()
+                dec = _ReservingDecoder(max_stream_bytes=cfg.max_upload_bytes, max_raw_bytes=cfg.max_cache_bytes,
+                                        kinds=("volume",))
+                dec.reserve = lambda n: state.store.reserve(s, n)
+                try:
+                    volume, digest = await _decode_stream(request, dec, state)
+                    state.store.add_image(s, digest, volume, reservation=dec.reservation)
+                    dec.reservation = None
+                except Exception as exc:  # noqa: BLE001 - WireError / CacheFull / ServerFull / SessionNotFound
+                    raise error_for(exc) from None
+                finally:
+                    state.store.release(dec.reservation)
+                    dec.release()  # its buffer goes now (no reference cycle keeps a raw image alive)
+            finally:
+                upload_slots.release()
+        finally:
+            uploading.discard(owner)
         s.uploads += 1
         return {"image": digest, "shape": list(volume.shape), "dtype": str(volume.array.dtype), "uploaded": True,
                 "received_bytes": dec.received_bytes, "decode_ms": round((time.perf_counter() - t0) * 1000, 2)}
@@ -236,7 +267,7 @@ def create_app(cfg: ServerConfig, service: Optional[ModelService] = None) -> Fas
     @router.post(f"{API}/sessions/{{session_id}}/image/reuse",
                  summary="Select a scan already on the server by its content hash (skips the upload)",
                  openapi_extra=_body_doc(ReuseRequest))
-    async def reuse_image(request: Request, session_id: str, owner: str = Depends(authenticate)) -> dict:
+    async def reuse_image(request: Request, session_id: str, owner: str = Depends(authenticate.owner)) -> dict:
         s = session_of(owner, session_id)
         body, _ = await read_body(request, ReuseRequest)
         vol = s.images.get(body.hash) or state.store.find_image(owner, body.hash)
@@ -251,7 +282,7 @@ def create_app(cfg: ServerConfig, service: Optional[ModelService] = None) -> Fas
 
     @router.post(f"{API}/sessions/{{session_id}}/segment", summary="Segment lesions from prompts",
                  response_class=Response, responses=BINARY_REPLY, openapi_extra=_body_doc(SegmentRequest))
-    async def segment(request: Request, session_id: str, owner: str = Depends(authenticate)) -> Response:
+    async def segment(request: Request, session_id: str, owner: str = Depends(authenticate.owner)) -> Response:
         s = session_of(owner, session_id)
         body, arrays = await read_body(request, SegmentRequest)
         image_hash, volume = image_of(s, body.image)
@@ -260,17 +291,17 @@ def create_app(cfg: ServerConfig, service: Optional[ModelService] = None) -> Fas
         def job() -> bytes:
             state.service.prune(state.store.live_keys() | {(s.id, image_hash)})
             res = state.service.segment((s.id, image_hash), volume, body.prompts, arrays, body.folds, body.tta,
-                                        body.grow, body.probabilities)
+                                        body.grow, body.probabilities, check=state.worker.check_current)
             s.requests += 1
             return encode_results([(image_hash, volume.shape, res.lesions.values())],
                                   {"elapsed_ms": round((time.perf_counter() - t0) * 1000, 3)})
 
-        return _container_reply(await on_worker(job))
+        return _container_reply(await on_worker(request, owner, job))
 
     @router.post(f"{API}/sessions/{{session_id}}/track",
                  summary="Track lesions from the baseline into follow-ups (baseline, then one result each)",
                  response_class=Response, responses=BINARY_REPLY, openapi_extra=_body_doc(TrackRequest))
-    async def track(request: Request, session_id: str, owner: str = Depends(authenticate)) -> Response:
+    async def track(request: Request, session_id: str, owner: str = Depends(authenticate.owner)) -> Response:
         s = session_of(owner, session_id)
         body, arrays = await read_body(request, TrackRequest)
         images = [image_of(s, h) for h in [body.baseline, *body.followups]]
@@ -280,12 +311,12 @@ def create_app(cfg: ServerConfig, service: Optional[ModelService] = None) -> Fas
             state.service.prune(state.store.live_keys())
             res = state.service.track(images[0][1], [v for _, v in images[1:]], body.prompts, arrays,
                                       body.from_baseline, body.propagation, body.refine, body.folds, body.tta,
-                                      body.grow)
+                                      body.grow, check=state.worker.check_current)
             s.requests += 1
             return encode_results([(h, v.shape, r.lesions.values()) for (h, v), r in zip(images, res.timepoints)],
                                   {"elapsed_ms": round((time.perf_counter() - t0) * 1000, 3)})
 
-        return _container_reply(await on_worker(job))
+        return _container_reply(await on_worker(request, owner, job))
 
     @router.get("/openapi.json", include_in_schema=False)
     async def openapi() -> JSONResponse:
@@ -301,25 +332,63 @@ def create_app(cfg: ServerConfig, service: Optional[ModelService] = None) -> Fas
     return app
 
 
+class _ReservingDecoder(StreamDecoder):
+    """A StreamDecoder that reserves the declared size from the session store's budgets *before* allocating it,
+    so that a decompression bomb or uploads in flight cannot overrun the cache (a refused reservation is a 503 /
+    413 before any voxel exists)."""
+
+    reserve: Optional[Callable[[int], str]] = None
+    reservation: Optional[str] = None
+
+    def _start(self, h: Any) -> None:
+        if isinstance(h, dict) and self.reserve is not None and self.reservation is None:
+            n = h.get("raw_nbytes")
+            if isinstance(n, int) and not isinstance(n, bool) and 0 <= n <= self.max_raw_bytes:
+                self.reservation = self.reserve(n)
+        super()._start(h)
+
+    def release(self) -> None:
+        self._out, self._buf, self._dctx = None, bytearray(), None
+
+
 async def _decode_stream(request: Request, dec: StreamDecoder, state: AppState) -> Tuple[Any, str]:
-    """Decode an upload in a side thread while the next bytes arrive (decompression overlaps the transfer)."""
+    """Decode an upload in a side thread while the next bytes arrive (decompression overlaps the transfer).
+
+    Bounded in time: no data for ``upload_idle_timeout_s``, an average rate under ``upload_min_rate_kbps``
+    after the first 30 s, or more than ``upload_deadline_s`` in all is a 408 (the slot and memory are freed)."""
+    cfg = state.cfg
     loop = asyncio.get_running_loop()
     buf = bytearray()
-    chunks = request.stream().__aiter__()
-    timeout = state.cfg.upload_idle_timeout_s
+    receive = request.receive  # plain receive(): no async-generator frames kept alive by a timeout's traceback
+    t0 = time.monotonic()
+    received = 0
     while True:
+        remaining = cfg.upload_deadline_s - (time.monotonic() - t0)
+        timeout = min(cfg.upload_idle_timeout_s, max(0.0, remaining))
         try:
-            # a stalled upload must not hold its slot (and a raw image of memory) forever
-            chunk = await asyncio.wait_for(chunks.__anext__(), timeout=timeout)
-        except StopAsyncIteration:
-            break
+            msg = await asyncio.wait_for(receive(), timeout=timeout)
         except asyncio.TimeoutError:
-            raise ApiError(408, "upload_stalled", f"no upload data for {timeout:.0f} s; the upload was dropped"
-                           ) from None
+            msg = None
+        if msg is None:
+            if remaining <= 0:
+                raise ApiError(408, "upload_too_slow", f"the upload took longer than {cfg.upload_deadline_s:.0f} s; "
+                                                       "it was dropped")
+            raise ApiError(408, "upload_stalled", f"no upload data for {cfg.upload_idle_timeout_s:.0f} s; the "
+                                                  "upload was dropped")
+        if msg["type"] == "http.disconnect":
+            raise ApiError(400, "upload_aborted", "the client closed the connection during the upload")
+        chunk = msg.get("body", b"")
+        received += len(chunk)
+        elapsed = time.monotonic() - t0
+        if elapsed > 30 and received / elapsed < cfg.upload_min_rate_kbps * 1024:
+            raise ApiError(408, "upload_too_slow", f"the upload averaged {received / elapsed / 1024:.1f} KiB/s, under "
+                                                   f"the minimum of {cfg.upload_min_rate_kbps:.0f} KiB/s; dropped")
         buf += chunk
         if len(buf) >= 1 << 20:
             data, buf = bytes(buf), bytearray()
             await loop.run_in_executor(state.decode_pool, dec.feed, data)
+        if not msg.get("more_body", False):
+            break
     if buf:
         await loop.run_in_executor(state.decode_pool, dec.feed, bytes(buf))
     container = await loop.run_in_executor(state.decode_pool, dec.finish)
@@ -384,6 +453,10 @@ def serve(cfg: ServerConfig, log_level: str = "info") -> int:
                     "--tls-cert/--tls-key, a TLS reverse proxy or an SSH tunnel on untrusted networks", cfg.host)
     server = uvicorn.Server(uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level=log_level,
                                            access_log=log_level == "debug", lifespan="on",
-                                           ssl_certfile=cfg.tls_cert, ssl_keyfile=cfg.tls_key))
+                                           ssl_certfile=cfg.tls_cert, ssl_keyfile=cfg.tls_key,
+                                           # bounded: open connections (503 beyond), idle keep-alive, and the
+                                           # time SIGTERM waits for requests in flight
+                                           limit_concurrency=cfg.limit_concurrency, timeout_keep_alive=5,
+                                           timeout_graceful_shutdown=cfg.shutdown_timeout_s))
     server.run()
     return 0 if server.started else 1  # uvicorn returns without raising when start-up fails

@@ -19,6 +19,7 @@ log = logging.getLogger("lesionlocator.server")
 
 CLIENT_KEY_HEADER = "X-LesionLocator-Client"
 MAX_CLIENT_KEY = 128
+MIN_CLIENT_KEY = 8
 
 
 def read_token_file(path: Union[str, os.PathLike], first_only: bool = False) -> Tuple[str, ...]:
@@ -50,6 +51,22 @@ class Authenticate:
     def __init__(self, tokens: Sequence[str]):
         self.tokens = [t.encode("ascii") for t in tokens]
 
+    def owner(self, request: Request) -> str:
+        """The caller's owner key: the token *and* the client-key header, which is required (without it every
+        client of a token-less server would share one identity) and used whole (never truncated)."""
+        self(request)
+        key = request.headers.get(CLIENT_KEY_HEADER)
+        if not key or len(key) > MAX_CLIENT_KEY or len(key) < MIN_CLIENT_KEY or not all(33 <= ord(c) < 127 for c in key):
+            raise ApiError(400, "client_key_required",
+                           f"send a random {CLIENT_KEY_HEADER} header of {MIN_CLIENT_KEY}..{MAX_CLIENT_KEY} printable "
+                           f"ASCII characters (e.g. secrets.token_hex(16)): your sessions are bound to it")
+        return hashlib.sha256(b"lesionlocator-owner\0" + self._token(request) + b"\0" + key.encode("ascii")).hexdigest()
+
+    @staticmethod
+    def _token(request: Request) -> bytes:
+        auth = request.headers.get("authorization", "")
+        return auth[7:].strip().encode("latin-1") if auth[:7].lower() == "bearer " else b""
+
     def __call__(self, request: Request) -> str:
         auth = request.headers.get("authorization", "")
         token = b""
@@ -64,8 +81,7 @@ class Authenticate:
                 msg = "missing bearer token" if not auth else "wrong token"
                 raise ApiError(401, "unauthorized", f"{msg}: send 'Authorization: Bearer <token>'",
                                headers={"WWW-Authenticate": "Bearer"})
-        key = request.headers.get(CLIENT_KEY_HEADER, "")[:MAX_CLIENT_KEY].encode("latin-1")
-        return hashlib.sha256(b"lesionlocator-owner\0" + token + b"\0" + key).hexdigest()
+        return ""  # the token is valid (or none is needed); sessions need the owner key (``owner``)
 
 
 class BodyTooLarge(PayloadTooLarge):

@@ -258,9 +258,13 @@ class RemoteBackend:
                 raise
         caps = self.capabilities or {}
         raw_cap, upload_cap = caps.get("max_cache_bytes"), caps.get("max_upload_bytes")
+        per_client = (caps.get("limits") or {}).get("max_cache_bytes_per_client")
+        if isinstance(per_client, int) and (not isinstance(raw_cap, int) or per_client < raw_cap):
+            raw_cap = per_client  # the server's budget for one client
         if isinstance(raw_cap, int) and volume.array.nbytes > raw_cap:
             raise RequestRejected(f"the image ({volume.array.nbytes / 2**20:.0f} MiB) is larger than the server's "
-                                  f"image cache ({raw_cap / 2**20:.0f} MiB): start it with a larger --max-cache-mb",
+                                  f"image cache for one client ({raw_cap / 2**20:.0f} MiB): start it with a larger "
+                                  f"--max-cache-mb / --max-cache-mb-per-client",
                                   code="image_too_large", url=self.url)
         stream = iter_encode_volume(volume, level=self.compression_level, volume_hash=digest,
                                     threads=self.upload_threads)

@@ -26,10 +26,25 @@ class ServerConfig:
     max_upload_mb: float = 1024.0  # compressed scan upload
     max_request_mb: float = 64.0  # any other body (JSON, or a container of mask-prompt crops)
     max_request_raw_mb: float = 256.0  # decoded mask-prompt crops of one request
-    max_cache_mb: float = 8192.0
+    max_cache_mb: Optional[float] = None  # None: a quarter of physical memory, at most 8192 (default_cache_mb)
     session_ttl_s: float = 3600.0
     max_queue: int = 64
     upload_idle_timeout_s: float = 60.0
+    # per-client quotas (a client = token + client key); None: a quarter of the global limit
+    max_sessions_per_client: Optional[int] = None
+    max_cache_mb_per_client: Optional[float] = None
+    max_queue_per_client: int = 4  # model requests waiting per client (round-robin across clients)
+    # bounded work per request (tiles x lesions x folds x TTA mirrors) and decoded mask-prompt voxels
+    max_work: int = 256
+    max_mask_voxels: int = 2**27
+    request_deadline_s: float = 300.0  # a model job still queued or between lesions after this is dropped
+    # uploads: decoded at once in total, waiting time for a slot, overall deadline and minimum average rate
+    upload_slots: int = 2
+    upload_slot_timeout_s: float = 10.0
+    upload_deadline_s: float = 900.0
+    upload_min_rate_kbps: float = 64.0  # KiB/s averaged, enforced after the first 30 s
+    limit_concurrency: int = 64  # open connections; more get 503 from uvicorn
+    shutdown_timeout_s: float = 20.0
     warmup: bool = True
     tls_cert: Optional[str] = None
     tls_key: Optional[str] = None
@@ -44,7 +59,31 @@ class ServerConfig:
 
     @property
     def max_cache_bytes(self) -> int:
-        return int(self.max_cache_mb * 2**20)
+        return int((self.max_cache_mb if self.max_cache_mb is not None else default_cache_mb()) * 2**20)
+
+    @property
+    def max_cache_bytes_per_client(self) -> Optional[int]:
+        return None if self.max_cache_mb_per_client is None else int(self.max_cache_mb_per_client * 2**20)
+
+
+def physical_memory_bytes() -> Optional[int]:
+    try:
+        import os
+
+        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (AttributeError, OSError, ValueError):
+        try:
+            import psutil  # Windows has no sysconf
+
+            return int(psutil.virtual_memory().total)
+        except Exception:  # noqa: BLE001
+            return None
+
+
+def default_cache_mb() -> float:
+    """A quarter of physical memory, at most 8 GiB: the scans of all sessions must never crowd out the model."""
+    phys = physical_memory_bytes()
+    return 8192.0 if phys is None else min(8192.0, phys / 4 / 2**20)
 
 
 def is_loopback(host: str) -> bool:
@@ -66,12 +105,18 @@ def check_config(cfg: ServerConfig) -> None:
         if len(t) < 16 or not all(33 <= ord(c) < 127 for c in t):
             raise ServerConfigError("tokens must be at least 16 printable ASCII characters without whitespace "
                                     "(e.g. python -c 'import secrets; print(secrets.token_urlsafe(32))')")
+        if len(set(t)) < 8:  # e.g. "aaaaaaaaaaaaaaaa" or "abababab...": guessable however long
+            raise ServerConfigError("a token has fewer than 8 distinct characters (low entropy); use a random one "
+                                    "(e.g. python -c 'import secrets; print(secrets.token_urlsafe(32))')")
     if bool(cfg.tls_cert) != bool(cfg.tls_key):
         raise ServerConfigError("--tls-cert and --tls-key go together")
     for f in (cfg.tls_cert, cfg.tls_key):
         if f and not Path(f).is_file():
             raise ServerConfigError(f"TLS file not found: {f}")
-    if (cfg.max_sessions < 1 or cfg.max_upload_mb <= 0 or cfg.max_cache_mb <= 0 or cfg.session_ttl_s <= 0
-            or cfg.max_request_mb <= 0 or cfg.max_queue < 1):
+    if (cfg.max_sessions < 1 or cfg.max_upload_mb <= 0 or cfg.max_cache_bytes <= 0 or cfg.session_ttl_s <= 0
+            or cfg.max_request_mb <= 0 or cfg.max_queue < 1 or cfg.max_queue_per_client < 1 or cfg.max_work < 1
+            or (cfg.max_sessions_per_client is not None and cfg.max_sessions_per_client < 1)
+            or (cfg.max_cache_mb_per_client is not None and cfg.max_cache_mb_per_client <= 0)
+            or cfg.upload_slots < 1 or cfg.limit_concurrency < 1):
         raise ServerConfigError("--max-sessions, --max-upload-mb, --max-request-mb, --max-cache-mb, --max-queue "
                                 "and --session-ttl must be positive")

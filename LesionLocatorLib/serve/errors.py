@@ -16,11 +16,16 @@ def error_for(exc: BaseException) -> ApiError:
     from ..core.geometry import GeometryError
     from ..core.prompts import PromptError
     from ..model.checkpoint import CheckpointError
-    from .sessions import CacheFull, ImageNotFound, SessionNotFound
+    from .sessions import CacheFull, ImageNotFound, ServerFull, SessionNotFound
     from .wire import PayloadTooLarge, WireError
 
     if isinstance(exc, ApiError):
         return exc
+    from ..core.jobs import Cancelled
+    from .service import Abandoned
+
+    if isinstance(exc, (Abandoned, Cancelled)):
+        return ApiError(503, "abandoned", f"the request was dropped: {exc}", headers={"Retry-After": "5"})
     if isinstance(exc, PayloadTooLarge):
         return ApiError(413, "payload_too_large", str(exc))
     if isinstance(exc, WireError):
@@ -29,6 +34,8 @@ def error_for(exc: BaseException) -> ApiError:
         return ApiError(404, "unknown_session", str(exc))
     if isinstance(exc, ImageNotFound):
         return ApiError(409, "no_image", str(exc))
+    if isinstance(exc, ServerFull):
+        return ApiError(503, "server_full", str(exc), headers={"Retry-After": str(ServerFull.retry_after_s)})
     if isinstance(exc, CacheFull):
         return ApiError(413, "image_too_large", str(exc))
     if isinstance(exc, (PromptError, GeometryError)):

@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import threading
-from collections import OrderedDict
-from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Set, Tuple
+import time
+from collections import OrderedDict, deque
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any, Awaitable, Callable, Deque, Dict, List, Mapping, Optional, Sequence, Set, Tuple
 
 import numpy as np
 
@@ -27,51 +30,151 @@ log = logging.getLogger("lesionlocator.server")
 SEGMENTATION_KINDS = ("point", "box")
 
 
-class ModelWorker:
-    """One persistent thread that runs model jobs in arrival order (CUDA state is per thread)."""
+class Abandoned(Exception):
+    """The job's client went away or its deadline passed before / while it ran (nothing is recorded)."""
 
-    def __init__(self, max_queue: int = 64) -> None:
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lesionlocator-model")
-        self._pending = 0
-        self._lock = threading.Lock()
+
+@dataclass
+class Job:
+    fn: Callable[..., Any]
+    args: tuple
+    future: "Future[Any]"
+    owner: str = ""
+    cancel: threading.Event = field(default_factory=threading.Event)
+    deadline: Optional[float] = None  # time.monotonic()
+
+    def check(self) -> None:
+        """Raises :class:`Abandoned` when the client is gone or the deadline passed (checked before the job
+        starts and between lesions)."""
+        if self.cancel.is_set():
+            raise Abandoned("the client disconnected")
+        if self.deadline is not None and time.monotonic() > self.deadline:
+            self.cancel.set()
+            raise Abandoned("the request's deadline passed")
+
+
+class ModelWorker:
+    """One persistent thread that runs model jobs (CUDA state is per thread), fairly across owners.
+
+    Each owner has its own queue of at most ``max_per_owner`` jobs; the thread takes one job from each owner
+    in turn (round-robin), so a client that floods the queue delays another client's click by at most the job
+    in progress plus one job of each other waiting owner, never by its whole backlog."""
+
+    def __init__(self, max_queue: int = 64, max_per_owner: int = 4) -> None:
         self.max_queue = max_queue
+        self.max_per_owner = max_per_owner
         self.thread_ids: Set[int] = set()
+        self._queues: "OrderedDict[str, Deque[Job]]" = OrderedDict()  # owners in round-robin order
+        self._cv = threading.Condition()
+        self._running: Optional[Job] = None
+        self._stopping = False
+        self.abandoned = 0
+        self._thread = threading.Thread(target=self._loop, name="lesionlocator-model", daemon=True)
+        self._thread.start()
 
     @property
     def pending(self) -> int:
-        return self._pending
+        with self._cv:
+            return sum(len(q) for q in self._queues.values()) + (self._running is not None)
 
-    def _wrap(self, fn: Callable[..., Any], args: tuple) -> Any:
+    def _loop(self) -> None:
         self.thread_ids.add(threading.get_ident())
-        try:
-            return fn(*args)
-        finally:
-            with self._lock:
-                self._pending -= 1
+        while True:
+            with self._cv:
+                while not self._queues and not self._stopping:
+                    self._cv.wait()
+                if not self._queues:
+                    return  # stopping and nothing left
+                owner, q = next(iter(self._queues.items()))
+                job = q.popleft()
+                del self._queues[owner]
+                if q:
+                    self._queues[owner] = q  # to the back of the round
+                self._running = job
+            try:
+                if not job.future.set_running_or_notify_cancel():
+                    continue
+                try:
+                    job.check()
+                    result = job.fn(*job.args)
+                except BaseException as exc:  # noqa: BLE001 - delivered to the waiting request
+                    if isinstance(exc, Abandoned):
+                        self.abandoned += 1
+                    job.future.set_exception(exc)
+                else:
+                    job.future.set_result(result)
+            finally:
+                with self._cv:
+                    self._running = None
+                job = None  # type: ignore[assignment]  # its arguments (images) go now
+
+    def submit(self, fn: Callable[..., Any], *args: Any, owner: str = "", deadline: Optional[float] = None,
+               force: bool = False) -> Job:
+        with self._cv:
+            if self._stopping:
+                raise ApiError(503, "shutting_down", "the server is shutting down", headers={"Retry-After": "10"})
+            q = self._queues.get(owner)
+            n_own = len(q) if q else 0
+            if not force:
+                if n_own >= self.max_per_owner:
+                    raise ApiError(429, "too_many_requests",
+                                   f"you have {n_own} model requests waiting (the limit per client is "
+                                   f"{self.max_per_owner}); wait for them", headers={"Retry-After": "2"})
+                if sum(len(x) for x in self._queues.values()) >= self.max_queue:
+                    raise ApiError(503, "busy", f"the model queue is full ({self.max_queue} requests); retry later",
+                                   headers={"Retry-After": "5"})
+            job = Job(fn, args, Future(), owner, deadline=deadline)
+            self._queues.setdefault(owner, deque()).append(job)
+            self._cv.notify()
+            return job
 
     def submit_sync(self, fn: Callable[..., Any], *args: Any) -> Any:
-        with self._lock:
-            self._pending += 1
-        return self._pool.submit(self._wrap, fn, args).result()
+        return self.submit(fn, *args, force=True).future.result()
 
     def post(self, fn: Callable[..., Any], *args: Any) -> None:
         """Queue housekeeping without waiting for it (skipped when the queue is full: the next job redoes it)."""
-        with self._lock:
-            if self._pending >= self.max_queue:
-                return
-            self._pending += 1
-        self._pool.submit(self._wrap, fn, args)
+        try:
+            self.submit(fn, *args, owner="\0housekeeping", force=self.pending < self.max_queue)
+        except ApiError:
+            pass
 
-    async def run(self, fn: Callable[..., Any], *args: Any) -> Any:
-        with self._lock:
-            if self._pending >= self.max_queue:
-                raise ApiError(503, "busy", f"the model queue is full ({self.max_queue} requests); retry later",
-                               headers={"Retry-After": "5"})
-            self._pending += 1
-        return await asyncio.wrap_future(self._pool.submit(self._wrap, fn, args))
+    async def run(self, fn: Callable[..., Any], *args: Any, owner: str = "", deadline: Optional[float] = None,
+                  disconnected: Optional[Callable[[], Awaitable[bool]]] = None) -> Any:
+        """Run ``fn`` on the worker; while waiting, poll ``disconnected`` so that a job whose client left is
+        dropped before it starts (or between lesions, through ``Job.check``)."""
+        job = self.submit(fn, *args, owner=owner, deadline=deadline)
+        fut = asyncio.wrap_future(job.future)
+        try:
+            while True:
+                done, _ = await asyncio.wait({fut}, timeout=0.25)
+                if done:
+                    return fut.result()
+                if disconnected is not None and await disconnected():
+                    job.cancel.set()  # not started: never starts; running: stops at the next lesion
+                    job.future.cancel()
+                    raise ApiError(499, "client_closed_request", "the client disconnected")
+        except asyncio.CancelledError:
+            job.cancel.set()
+            job.future.cancel()
+            raise
 
-    def shutdown(self) -> None:
-        self._pool.shutdown(wait=True, cancel_futures=True)
+    def check_current(self) -> None:
+        """For the running job (on the worker thread): raise :class:`Abandoned` if its client left."""
+        job = self._running
+        if job is not None:
+            job.check()
+
+    def shutdown(self, timeout_s: float = 30.0) -> None:
+        """Bounded: queued jobs are cancelled (503 to their clients), the running one gets ``timeout_s``."""
+        with self._cv:
+            self._stopping = True
+            for q in self._queues.values():
+                for job in q:
+                    job.cancel.set()
+                    job.future.cancel()
+            self._queues.clear()
+            self._cv.notify_all()  # the running job finishes and delivers its reply (SIGTERM mid-request)
+        self._thread.join(timeout=timeout_s)
 
 
 def available_devices() -> List[str]:
@@ -148,6 +251,52 @@ class ModelService:
                                f"the {kind} model of this server has fold(s) {loaded} loaded, not {missing}; start "
                                f"it with --folds covering them (e.g. --folds all), or ask for fewer folds")
 
+    # -- work bound ------------------------------------------------------------------------
+    def passes(self, folds: Any, tta: bool) -> int:
+        """Forward passes per tile: one per fold, times the mirrored copies under TTA."""
+        kind = next((k for k in SEGMENTATION_KINDS if self.model.has(k)), None)
+        if kind is None:
+            return 1
+        n_folds = len(self.model.fold_ids(kind, folds))
+        mirrors = len(tuple(getattr(self.model.config(kind), "mirror_axes", ()) or ()))
+        return n_folds * (2 ** mirrors if tta else 1)
+
+    def tiles_of(self, volume: Volume, prompt: Any) -> int:
+        """Sliding-window tiles (half-patch steps) over a prompt's extent at the model's spacing; a point is one."""
+        from ..core.prompts import Box, Mask
+
+        kind = "box" if self.model.has("box") else "point"
+        cfg = self.model.config(kind)
+        if isinstance(prompt, Box):
+            b = prompt.bounds
+            extent = [b[1] - b[0], b[3] - b[2], b[5] - b[4]]
+        elif isinstance(prompt, Mask):
+            extent = []
+            for ax in range(3):
+                hit = np.flatnonzero(np.any(prompt.mask, axis=tuple(a for a in range(3) if a != ax)))
+                extent.append(int(hit[-1] - hit[0] + 1) if hit.size else 1)
+        else:
+            return 1
+        tiles = 1
+        for n_vox, sp_img, sp_model, p in zip(extent, volume.spacing, cfg.spacing, cfg.patch_size):
+            n = n_vox * float(sp_img) / float(sp_model)
+            tiles *= 1 if n <= p else int(math.ceil((n - p) / (p * 0.5))) + 1
+        return tiles
+
+    def check_work(self, tile_passes: int, mask_voxels: int, n_lesions: int) -> None:
+        cfg = self.cfg
+        if tile_passes > cfg.max_work:
+            raise ApiError(413, "too_much_work",
+                           f"this request needs about {tile_passes} tile passes (tiles x lesions x folds x TTA "
+                           f"mirrors); this server accepts at most {cfg.max_work} per request: send fewer lesions or "
+                           f"smaller boxes per request, or fewer folds / no TTA",
+                           {"estimated": tile_passes, "limit": cfg.max_work})
+        if mask_voxels > cfg.max_mask_voxels:
+            raise ApiError(413, "too_much_work",
+                           f"the mask prompts of this request hold {mask_voxels} voxels; the limit is "
+                           f"{cfg.max_mask_voxels} per request: send them in several requests",
+                           {"estimated": mask_voxels, "limit": cfg.max_mask_voxels})
+
     def session_for(self, key: Tuple[str, str], volume: Volume) -> Any:
         """The SegmentSession of one client image (set_image once; kept for the most recent images)."""
         s = self._sessions.get(key)
@@ -166,21 +315,32 @@ class ModelService:
             self._sessions.pop(key).close()
 
     def segment(self, key: Tuple[str, str], volume: Volume, prompts: Mapping[str, Any], arrays: Sequence[np.ndarray],
-                folds: Any, tta: bool, grow: Optional[bool], probabilities: bool) -> SegmentationResult:
-        from ..core.prompts import parse_prompts
+                folds: Any, tta: bool, grow: Optional[bool], probabilities: bool,
+                check: Optional[Callable[[], None]] = None) -> SegmentationResult:
+        from ..core.prompts import Mask, effective, parse_prompts
         from ..segment.session import resolve_prompts
 
         if "segment" in self.unavailable:
             raise ApiError(501, "segmentation_unavailable", self.unavailable["segment"])
         self._check_folds(SEGMENTATION_KINDS, folds)
         # parse and validate every lesion first (a bad one is a 422 before any work), one lesion at a time so
-        # that at most one full-size mask prompt exists at once
+        # that at most one full-size mask prompt exists at once; estimate the work and refuse it above the cap
+        work, mask_voxels = 0, 0
         for lid, entry in prompts.items():
-            resolve_prompts(volume, parse_prompts({lid: entry}, volume, arrays), None, None, None, "voxel")
+            todo = resolve_prompts(volume, parse_prompts({lid: entry}, volume, arrays), None, None, None, "voxel")
+            for items in todo.values():
+                for prompt in effective(items):
+                    work += self.tiles_of(volume, prompt)
+                    if isinstance(prompt, Mask):
+                        mask_voxels += int(np.count_nonzero(prompt.mask))
+            del todo
+        self.check_work(work * self.passes(folds, tta), mask_voxels, len(prompts))
         session = self.session_for(key, volume)
         session.tta, session.folds, session.grow = tta, folds, grow
         out = SegmentationResult(volume)
         for lid, entry in prompts.items():
+            if check is not None:
+                check()  # the client left or the deadline passed: stop between lesions, record nothing
             res = session.segment(parse_prompts({lid: entry}, volume, arrays), return_probabilities=probabilities)
             out.lesions.update(res.lesions)
         out.lesions = dict(sorted(out.lesions.items()))
@@ -188,7 +348,8 @@ class ModelService:
 
     def track(self, baseline: Volume, followups: List[Volume], prompts: Mapping[str, Any],
               arrays: Sequence[np.ndarray], from_baseline: bool, propagation: Optional[str], refine: Optional[str],
-              folds: Any, tta: bool, grow: Optional[bool]) -> TrackingResult:
+              folds: Any, tta: bool, grow: Optional[bool], check: Optional[Callable[[], None]] = None
+              ) -> TrackingResult:
         from ..core.prompts import parse_prompts
         from ..model.engine import KINDS
 
@@ -202,6 +363,12 @@ class ModelService:
                                                        f"{'without' if self.model.grow else 'with'} --no-grow, or "
                                                        f"ask for grow={self.model.grow}")
         parsed = parse_prompts(dict(prompts), baseline, arrays)
+        # tracking segments each lesion at the baseline and in every follow-up: about one patch per lesion each
+        n_lesions = len(parsed)
+        self.check_work(n_lesions * (1 + len(followups)) * self.passes(folds, tta), sum(
+            int(np.count_nonzero(p.mask)) for items in parsed.values() for p in items if hasattr(p, "mask")), n_lesions)
+        if check is not None:
+            check()
         tracker = self.model.tracker(propagation=propagation, refine=refine, tta=tta, folds=folds)
         try:
             tracker.set_images(baseline, followups)

@@ -9,9 +9,14 @@ The masks live with the client (the Slicer module keeps its own undo): a session
 The model-side state of an image (crop box, grids: a ``SegmentSession``) lives in the service, keyed by
 (session id, image hash), and is dropped when the image leaves its session.
 
-Memory is bounded: idle sessions expire after ``idle_timeout_s``; the images held by all sessions together
-stay under ``max_bytes`` (least recently used sessions are evicted first); at most ``max_sessions`` sessions
-live at once. All methods are thread-safe (the event loop and the model worker thread both use the store).
+Memory is bounded, and one client cannot take another's share: idle sessions expire after ``idle_timeout_s``;
+each owner holds at most ``max_sessions_per_owner`` sessions and ``max_bytes_per_owner`` bytes of images; all
+owners together hold at most ``max_sessions`` sessions and ``max_bytes`` bytes. Making room only ever evicts the
+*requester's own* least recently used sessions / images; when the global limit is reached because of other
+owners, the request is refused with :class:`ServerFull` (HTTP 503 + Retry-After), never by evicting them.
+Uploads reserve their declared size (:meth:`SessionStore.reserve`) before any voxel is allocated, so uploads in
+flight count against both budgets. All methods are thread-safe (the event loop and the model worker thread both
+use the store).
 """
 from __future__ import annotations
 
@@ -21,7 +26,7 @@ import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Set, Tuple
+from typing import Callable, Dict, List, Optional, Set, Tuple
 
 from ..core.geometry import Volume
 
@@ -39,7 +44,13 @@ class ImageNotFound(SessionError):
 
 
 class CacheFull(SessionError):
-    """A single image is larger than the whole cache budget."""
+    """A single image is larger than the cache budget of one client."""
+
+
+class ServerFull(SessionError):
+    """The global session / memory limit is reached because of *other* clients (retry later: HTTP 503)."""
+
+    retry_after_s = 30
 
 
 @dataclass
@@ -66,18 +77,25 @@ class Session:
 
 class SessionStore:
     def __init__(self, max_sessions: int = 16, idle_timeout_s: float = 3600.0, max_bytes: int = 8 * 2**30,
-                 max_images_per_session: int = 17, clock: Callable[[], float] = time.monotonic) -> None:
+                 max_images_per_session: int = 17, clock: Callable[[], float] = time.monotonic,
+                 max_sessions_per_owner: Optional[int] = None, max_bytes_per_owner: Optional[int] = None) -> None:
         if max_sessions < 1 or idle_timeout_s <= 0 or max_bytes <= 0:
             raise ValueError("max_sessions, idle_timeout_s and max_bytes must be positive")
         self.max_sessions = int(max_sessions)
         self.idle_timeout_s = float(idle_timeout_s)
         self.max_bytes = int(max_bytes)
+        # defaults: a quarter of each global limit, so at least four clients always fit side by side
+        self.max_sessions_per_owner = min(self.max_sessions, int(max_sessions_per_owner or max(1, max_sessions // 4)))
+        self.max_bytes_per_owner = min(self.max_bytes, int(max_bytes_per_owner or max(1, max_bytes // 4)))
         self.max_images_per_session = int(max_images_per_session)  # a baseline and 16 follow-ups
         self._clock = clock
         self._lock = threading.RLock()
         self._sessions: "OrderedDict[str, Session]" = OrderedDict()  # least recently used first
+        self._reserved: "Dict[str, int]" = {}  # reservation id -> bytes (uploads in flight)
+        self._reserved_owner: "Dict[str, str]" = {}
         self.evicted = 0
         self.expired = 0
+        self.refused = 0
 
     def __len__(self) -> int:
         with self._lock:
@@ -87,13 +105,30 @@ class SessionStore:
         with self._lock:
             return sum(s.image_bytes() for s in self._sessions.values())
 
+    def _owner_sessions(self, owner: str) -> List[Session]:
+        return [s for s in self._sessions.values() if hmac.compare_digest(s.owner.encode(), owner.encode())]
+
+    def owner_bytes(self, owner: str) -> int:
+        """Bytes this owner's sessions hold plus its uploads in flight."""
+        with self._lock:
+            return (sum(s.image_bytes() for s in self._owner_sessions(owner))
+                    + sum(n for r, n in self._reserved.items() if self._reserved_owner[r] == owner))
+
+    def _used(self) -> int:
+        return self.total_bytes() + sum(self._reserved.values())
+
+    def _drop(self, sid: str) -> None:
+        s = self._sessions.pop(sid)
+        s.images.clear()  # the arrays go now even if a request still holds the Session object
+        s.current = None
+
     def expire(self) -> int:
         """Drop sessions idle for longer than the timeout; returns how many."""
         now = self._clock()
         with self._lock:
             stale = [sid for sid, s in self._sessions.items() if now - s.last_used > self.idle_timeout_s]
             for sid in stale:
-                del self._sessions[sid]
+                self._drop(sid)
             self.expired += len(stale)
             return len(stale)
 
@@ -101,12 +136,22 @@ class SessionStore:
         s.last_used = self._clock()
         self._sessions.move_to_end(s.id)
 
+    def _full(self, what: str) -> ServerFull:
+        self.refused += 1
+        return ServerFull(f"the server is at its limit of {what} because of other clients; retry in "
+                          f"{ServerFull.retry_after_s} s (your own sessions were kept)")
+
     def create(self, owner: str) -> Session:
         with self._lock:
             self.expire()
-            while len(self._sessions) >= self.max_sessions:
-                self._sessions.popitem(last=False)
+            own = self._owner_sessions(owner)  # least recently used first
+            # at the per-owner quota: the requester's own oldest session makes room (a client that never closes
+            # its sessions only ever evicts its own)
+            while own and (len(own) >= self.max_sessions_per_owner or len(self._sessions) >= self.max_sessions):
+                self._drop(own.pop(0).id)
                 self.evicted += 1
+            if len(self._sessions) >= self.max_sessions:
+                raise self._full(f"{self.max_sessions} sessions")
             now = self._clock()
             s = Session(id=secrets.token_urlsafe(32), owner=owner, created=now, last_used=now)
             self._sessions[s.id] = s
@@ -126,7 +171,7 @@ class SessionStore:
     def delete(self, session_id: str, owner: str) -> None:
         with self._lock:
             s = self.get(session_id, owner)
-            del self._sessions[s.id]
+            self._drop(s.id)
 
     def live_keys(self) -> Set[Tuple[str, str]]:
         """(session id, image hash) of every image some session still holds."""
@@ -141,32 +186,68 @@ class SessionStore:
                     return s.images[image_hash]
             return None
 
-    def add_image(self, session: Session, image_hash: str, volume: Volume) -> None:
-        """Put an image into a session (making it current) and evict others to stay within the budget."""
-        nbytes = int(volume.array.nbytes)
-        if nbytes > self.max_bytes:
+    def _make_room(self, session: Session, nbytes: int, keep: Optional[str], rid: Optional[str] = None) -> None:
+        """Evict the owner's own data (older sessions first, then older images of ``session``) until ``nbytes``
+        more fit both the owner's quota and the global budget; :class:`CacheFull` when the image alone exceeds
+        the owner's quota, :class:`ServerFull` when other owners fill the global budget."""
+        owner = session.owner
+        if nbytes > self.max_bytes_per_owner:
             raise CacheFull(f"image of {nbytes / 2**20:.1f} MiB exceeds the server's cache budget of "
-                            f"{self.max_bytes / 2**20:.1f} MiB")
+                            f"{self.max_bytes_per_owner / 2**20:.1f} MiB per client")
+        mine = 0 if rid is None else self._reserved.get(rid, 0)  # do not count the caller's own reservation
+
+        def over() -> bool:
+            return (self.owner_bytes(owner) - mine + nbytes > self.max_bytes_per_owner
+                    or self._used() - mine + nbytes > self.max_bytes)
+
+        while over():
+            others = [s for s in self._owner_sessions(owner) if s.id != session.id]
+            if others:
+                self._drop(others[0].id)
+                self.evicted += 1
+                continue
+            old = next((h for h in session.images if h != keep), None)
+            if old is None:
+                break
+            session.images.pop(old)
+        if over():
+            raise self._full(f"{self.max_bytes / 2**20:.1f} MiB of images")
+
+    def reserve(self, session: Session, nbytes: int) -> str:
+        """Count an upload of ``nbytes`` against the budgets *before* it is decoded; returns a reservation id
+        for :meth:`add_image` / :meth:`release`."""
         with self._lock:
             if session.id not in self._sessions:
-                raise SessionNotFound("the session was evicted or deleted during the upload; create a new one")
-            if image_hash in session.images:
+                raise SessionNotFound("the session was evicted or deleted; create a new one")
+            self._make_room(session, int(nbytes), keep=None)
+            rid = secrets.token_hex(8)
+            self._reserved[rid] = int(nbytes)
+            self._reserved_owner[rid] = session.owner
+            return rid
+
+    def release(self, rid: Optional[str]) -> None:
+        with self._lock:
+            if rid is not None:
+                self._reserved.pop(rid, None)
+                self._reserved_owner.pop(rid, None)
+
+    def add_image(self, session: Session, image_hash: str, volume: Volume, reservation: Optional[str] = None) -> None:
+        """Put an image into a session (making it current), evicting only this owner's older data to fit."""
+        nbytes = int(volume.array.nbytes)
+        with self._lock:
+            try:
+                if session.id not in self._sessions:
+                    raise SessionNotFound("the session was evicted or deleted during the upload; create a new one")
+                if image_hash not in session.images:
+                    self._make_room(session, nbytes, keep=None, rid=reservation)
+                    session.images[image_hash] = volume
                 session.images.move_to_end(image_hash)
-            else:
-                session.images[image_hash] = volume
-            session.current = image_hash
-            self._touch(session)
-            while len(session.images) > self.max_images_per_session:
-                session.images.popitem(last=False)
-            # oldest other sessions go first; then this session's own older images.
-            while self.total_bytes() > self.max_bytes:
-                victim = next((sid for sid in self._sessions if sid != session.id), None)
-                if victim is not None:
-                    del self._sessions[victim]
-                    self.evicted += 1
-                    continue
-                old = next(h for h in session.images if h != image_hash)
-                session.images.pop(old)
+                session.current = image_hash
+                self._touch(session)
+                while len(session.images) > self.max_images_per_session:
+                    session.images.popitem(last=False)
+            finally:
+                self.release(reservation)
 
     def image(self, session: Session, image_hash: Optional[str] = None) -> Tuple[str, Volume]:
         key = image_hash or session.current

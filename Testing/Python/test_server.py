@@ -37,7 +37,7 @@ from LesionLocatorLib.serve.client import (
 )
 from LesionLocatorLib.serve.config import ServerConfig, ServerConfigError, check_config
 from LesionLocatorLib.serve.schemas import SegmentRequest
-from LesionLocatorLib.serve.sessions import SessionNotFound, SessionStore
+from LesionLocatorLib.serve.sessions import CacheFull, ServerFull, SessionNotFound, SessionStore
 from LesionLocatorLib.serve.wire import (
     MEDIA_TYPE,
     MIN_CHUNK_BYTES,
@@ -599,34 +599,49 @@ def test_inference_crash_is_500_and_the_server_keeps_serving(srv):
 
 # ----------------------------------------------------------------------------------------
 # sessions: expiry, eviction, memory bound
-def test_session_store_expiry_eviction_and_budget():
+def test_session_store_expiry_quotas_and_budget():
+    """Per-owner quotas: making room evicts only the requester's own data; when other owners fill the global
+    limit the request is refused (ServerFull -> 503), never by evicting them (issue 14 #1)."""
     now = [0.0]
-    store = SessionStore(max_sessions=3, idle_timeout_s=10, max_bytes=3000, clock=lambda: now[0])
-    a, b, c = (store.create(o) for o in "abc")
+    store = SessionStore(max_sessions=3, idle_timeout_s=10, max_bytes=4000, clock=lambda: now[0],
+                         max_sessions_per_owner=2, max_bytes_per_owner=2500)
+    a, b, c = store.create("a"), store.create("b"), store.create("c")
     assert len({a.id, b.id, c.id}) == 3 and min(len(x.id) for x in (a, b, c)) >= 40
     with pytest.raises(SessionNotFound):
         store.get(a.id, "b")
-    now[0] = 5
-    store.get(a.id, "a")  # touch a: b is now the least recently used
-    d = store.create("d")
-    with pytest.raises(SessionNotFound):
-        store.get(b.id, "b")
-    assert store.evicted == 1
-    vol = Volume(np.zeros((10, 10, 10), np.int16))  # 2000 bytes
-    store.add_image(a, "h1", vol)
-    assert store.live_keys() == {(a.id, "h1")}
-    store.add_image(c, "h2", vol)  # over budget: a (older) is evicted
+    with pytest.raises(ServerFull):  # global limit reached because of others: nobody is evicted
+        store.create("d")
+    assert len(store) == 3 and store.evicted == 0
+    a2 = store.create("a")  # global limit, but "a" has its own oldest session to give: only that one goes
     with pytest.raises(SessionNotFound):
         store.get(a.id, "a")
-    assert store.total_bytes() <= 3000 and store.live_keys() == {(c.id, "h2")}
-    with pytest.raises(Exception, match="cache budget"):
-        store.add_image(c, "h3", Volume(np.zeros((20, 20, 20), np.int16)))
-    now[0] = 100  # idle past the timeout
+    store.get(b.id, "b"), store.get(c.id, "c")
+    vol = Volume(np.zeros((10, 10, 10), np.int16))  # 2000 bytes
+    store.add_image(a2, "h1", vol)
+    store.add_image(b, "h2", vol)
+    assert store.live_keys() == {(a2.id, "h1"), (b.id, "h2")}
+    with pytest.raises(ServerFull):  # 6000 > 4000 because of a2 and b: c is refused, they keep their images
+        store.add_image(c, "h3", vol)
+    assert store.live_keys() == {(a2.id, "h1"), (b.id, "h2")}
+    store.add_image(a2, "h4", vol)  # over a's quota (2500): a's own older image makes room
+    assert store.live_keys() == {(a2.id, "h4"), (b.id, "h2")}
+    with pytest.raises(CacheFull, match="per client"):
+        store.add_image(c, "h5", Volume(np.zeros((20, 20, 20), np.int16)))
+    # reservations (uploads in flight) count before anything is decoded
+    b2 = store.create("b")  # at the global limit: b's own older session (and its image) goes
+    assert store.live_keys() == {(a2.id, "h4")}
+    rid = store.reserve(c, 1500)
+    assert store.owner_bytes("c") == 1500
+    with pytest.raises(ServerFull):
+        store.reserve(c, 1000)  # c's quota allows it, the global budget (2000 + 1500 + 1000) does not
+    store.release(rid)
+    assert store.owner_bytes("c") == 0
+    store.add_image(b2, "h2", vol)
+    now[0] = 100  # idle past the timeout: images dropped at once
+    held = store._sessions[b2.id]
     with pytest.raises(SessionNotFound):
-        store.get(c.id, "c")
-    with pytest.raises(SessionNotFound):
-        store.get(d.id, "d")
-    assert len(store) == 0
+        store.get(b2.id, "b")
+    assert held.images == {} and len(store) == 0
 
 
 def test_server_expires_idle_sessions_and_bounds_memory(checkpoint):
