@@ -10,9 +10,10 @@ The CLI, the demo, the server and the Slicer module switch backends with this on
 from __future__ import annotations
 
 import os
-from typing import Any, Dict, Optional, Union
+from typing import TYPE_CHECKING, Any, Dict, Optional, Union
 
-from .model.engine import Folds, LesionLocatorModel
+if TYPE_CHECKING:  # torch is imported only by the local backend: a Slicer that talks to a server needs none
+    from .model.engine import Folds, LesionLocatorModel
 
 
 class LocalBackend:
@@ -20,7 +21,7 @@ class LocalBackend:
 
     remote = False
 
-    def __init__(self, model: LesionLocatorModel):
+    def __init__(self, model: "LesionLocatorModel"):
         self.model = model
 
     def session(self):
@@ -46,7 +47,7 @@ class LocalBackend:
 
 
 def open_backend(model: Union[str, os.PathLike, None] = None, server: Optional[str] = None,
-                 token: Optional[str] = None, device: str = "auto", folds: Folds = None, tta: bool = False,
+                 token: Optional[str] = None, device: str = "auto", folds: "Folds" = None, tta: bool = False,
                  compile: bool = False, grow: bool = True, **client_options: Any):
     """A ``LocalBackend`` over ``model`` (None: the bundled model), or with ``server`` a ``RemoteBackend``
     that asks the server for the same folds, TTA and growth (the server's own model and device serve it).
@@ -59,4 +60,6 @@ def open_backend(model: Union[str, os.PathLike, None] = None, server: Optional[s
         from .serve.client import RemoteBackend
 
         return RemoteBackend(server, token=token, folds=folds, tta=tta, grow=grow, **client_options)
+    from .model.engine import LesionLocatorModel
+
     return LocalBackend(LesionLocatorModel(model, device=device, folds=folds, tta=tta, compile=compile, grow=grow))
