@@ -13,6 +13,12 @@ hash check), plus the skipped re-upload.
 Targets (issue 5): server adds < 15 ms per click on loopback; a click sends < 4 KB and
 receives only the changed region; a 512 x 512 x 300 int16 CT uploads in < 1 s.
 
+Also (issue 14): fairness -- one client's single click while another client (one client key, several
+connections) keeps its share of the queue full with 4-lesion requests, as a ratio to the idle click and in
+units of the flood's job cost (target: at most about the job in progress plus one more, i.e. ~2 jobs); and the
+server's resident memory before, during and after sessions come and go (8 sessions upload the click image,
+then close): after must return to within 10% (or 64 MiB) of before.
+
 Without --model the network is the plans' architecture with random weights (seeded): the
 latency of the transport does not depend on the weights.  The default architecture is the
 published ResEnc-L on CUDA and a small ResEnc on CPU (a ResEnc-L forward pass on a CPU takes
@@ -232,6 +238,8 @@ def bench_device(device: str, ckpt: Path, vol: Volume, center: tuple[int, int, i
             lesion_voxels=int(rem.lesions[1].voxels), lesion_bbox=list(rem.lesions[1].bbox),
             identical_masks=f"{same}/{len(local_t)}",
         )
+        out.update(fairness(url, client, vol, center, clicks))
+        out.update(memory_cycle(url, proc.pid, vol))
         backend.close()
     finally:
         try:
@@ -250,6 +258,97 @@ def bench_device(device: str, ckpt: Path, vol: Volume, center: tuple[int, int, i
         if "inprocess_ms_median" not in out:
             print("server log:\n" + tail, file=sys.stderr)
     return out
+
+
+def rss_mib(pid: int) -> float:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return float("nan")  # not Linux
+
+
+def fairness(url: str, client, vol: Volume, center: tuple[int, int, int], clicks: int) -> dict:  # noqa: ANN001
+    """One client's click while another floods the queue (3 connections of one client key, 4 lesions each)."""
+    import threading
+
+    from LesionLocatorLib.serve.client import RemoteBackend, ServerError
+
+    c = tuple(int(x) for x in center)
+    flood_pts = {i + 1: (c[0], c[1] + 6 * (i % 2), c[2] + 6 * (i // 2)) for i in range(4)}
+    key = "flood-client-key-0123456789"
+    floods = []
+    for _ in range(3):
+        b = RemoteBackend(url)
+        b._http.headers["X-LesionLocator-Client"] = key  # one client, several connections
+        s = b.session()
+        s.set_image(vol)
+        s.segment(points=flood_pts)  # per-image grids made before timing
+        floods.append((b, s))
+    job = []
+    for _ in range(3):  # the cost of one flood job with nothing else queued
+        t = time.perf_counter()
+        floods[0][1].segment(points=flood_pts)
+        job.append(time.perf_counter() - t)
+    idle = []
+    for _ in range(max(3, clicks // 2)):
+        t = time.perf_counter()
+        client.segment(points={1: c})
+        idle.append(time.perf_counter() - t)
+    stop, refused = threading.Event(), [0]
+
+    def flood(s) -> None:  # noqa: ANN001
+        while not stop.is_set():
+            try:
+                s.segment(points=flood_pts)
+            except ServerError:
+                refused[0] += 1  # 429: its share of the queue is full
+                time.sleep(0.05)
+
+    threads = [threading.Thread(target=flood, args=(s,), daemon=True) for _, s in floods]
+    for th in threads:
+        th.start()
+    time.sleep(2 * statistics.median(job) + 0.2)  # the queue fills
+    busy = []
+    for _ in range(max(3, clicks // 2)):
+        t = time.perf_counter()
+        client.segment(points={1: c})
+        busy.append(time.perf_counter() - t)
+    stop.set()
+    for th in threads:
+        th.join(timeout=600)
+    for b, _ in floods:
+        b.close()
+    idle_ms, busy_ms, job_ms = (1000 * statistics.median(x) for x in (idle, busy, job))
+    return {"fair_idle_click_ms": idle_ms, "fair_flooded_click_ms": busy_ms, "fair_flood_job_ms": job_ms,
+            "fair_ratio_to_idle": busy_ms / idle_ms, "fair_in_flood_jobs": (busy_ms - idle_ms) / job_ms,
+            "fair_flood_refused": refused[0]}
+
+
+def memory_cycle(url: str, pid: int, vol: Volume, n: int = 8) -> dict:
+    """Resident memory of the server before, while 8 sessions hold the image, and after they close."""
+    from LesionLocatorLib.serve.client import RemoteBackend
+
+    time.sleep(1.0)
+    before = rss_mib(pid)
+    backends = []
+    peak = before
+    for i in range(n):
+        b = RemoteBackend(url)  # a new client each: its own upload, its own copy on the server
+        s = b.session()
+        s.set_image(vol)
+        s.segment(points={1: tuple(int(x) for x in np.array(vol.shape) // 2)})
+        backends.append(b)
+        peak = max(peak, rss_mib(pid))
+    during = rss_mib(pid)
+    for b in backends:
+        b.close()  # deletes its session
+    time.sleep(2.0)
+    after = rss_mib(pid)
+    return {"rss_before_mib": before, "rss_during_mib": during, "rss_peak_mib": peak, "rss_after_mib": after,
+            "rss_sessions": n, "rss_image_mib": vol.array.nbytes / 2**20}
 
 
 def report(r: dict) -> None:
@@ -274,6 +373,18 @@ def report(r: dict) -> None:
     print(f"  bytes per click  sent {r['sent_bytes_median']:.0f} B [target < 4 KB: {ok}], received "
           f"{r['recv_bytes_median']:.0f} B for a lesion of {r['lesion_voxels']} voxels in bbox {r['lesion_bbox']}")
     print(f"  masks identical to in-process: {r['identical_masks']}")
+    if "fair_ratio_to_idle" in r:
+        ok = "OK" if r["fair_in_flood_jobs"] <= 2.0 else "MISS"
+        print(f"fairness: a click while another client floods the queue {r['fair_flooded_click_ms']:.1f} ms vs "
+              f"{r['fair_idle_click_ms']:.1f} ms idle = {r['fair_ratio_to_idle']:.1f}x idle; the flood's job costs "
+              f"{r['fair_flood_job_ms']:.1f} ms, so the click waited {r['fair_in_flood_jobs']:.2f} flood jobs "
+              f"[target <= ~2: {ok}]; flood requests refused with 429: {r['fair_flood_refused']}")
+    if "rss_before_mib" in r:
+        margin = max(64.0, 0.10 * r["rss_before_mib"])
+        ok = "OK" if r["rss_after_mib"] - r["rss_before_mib"] <= margin else "MISS"
+        print(f"server resident memory: before {r['rss_before_mib']:.0f} MiB, with {r['rss_sessions']} sessions "
+              f"of a {r['rss_image_mib']:.0f} MiB image {r['rss_during_mib']:.0f} MiB (peak {r['rss_peak_mib']:.0f}), "
+              f"after they closed {r['rss_after_mib']:.0f} MiB [target within {margin:.0f} MiB of before: {ok}]")
 
 
 def main(argv: list[str] | None = None) -> int:
