@@ -188,7 +188,7 @@ def create_app(cfg: ServerConfig, service: Optional[ModelService] = None) -> Fas
     @router.get(f"{API}/health", summary="Liveness and readiness")
     async def health() -> dict:
         return {"status": "ok" if state.ready else "starting", "queue": state.worker.pending,
-                "sessions": len(state.store)}
+                "sessions": len(state.store), "abandoned": state.worker.abandoned, "refused": state.store.refused}
 
     @router.get(f"{API}/version", summary="Version, protocol, the model's settings and the limits")
     async def version() -> dict:
@@ -236,6 +236,7 @@ def create_app(cfg: ServerConfig, service: Optional[ModelService] = None) -> Fas
             raise ApiError(429, "upload_in_progress", "you already have an upload in progress; wait for it",
                            headers={"Retry-After": "5"})
         uploading.add(owner)
+        evicted_before = state.store.evicted
         try:
             try:  # a slot, or 503 soon: never an unbounded wait behind slow uploads
                 await asyncio.wait_for(upload_slots.acquire(), timeout=cfg.upload_slot_timeout_s)
@@ -261,6 +262,8 @@ def create_app(cfg: ServerConfig, service: Optional[ModelService] = None) -> Fas
         finally:
             uploading.discard(owner)
         s.uploads += 1
+        if state.store.evicted != evicted_before:  # this client's own older data made room: drop its model state
+            state.worker.post(lambda: state.service.prune(state.store.live_keys()))
         return {"image": digest, "shape": list(volume.shape), "dtype": str(volume.array.dtype), "uploaded": True,
                 "received_bytes": dec.received_bytes, "decode_ms": round((time.perf_counter() - t0) * 1000, 2)}
 
@@ -376,6 +379,7 @@ async def _decode_stream(request: Request, dec: StreamDecoder, state: AppState) 
             raise ApiError(408, "upload_stalled", f"no upload data for {cfg.upload_idle_timeout_s:.0f} s; the "
                                                   "upload was dropped")
         if msg["type"] == "http.disconnect":
+            log.info("upload aborted by the client after %d bytes", received)  # one line, no traceback
             raise ApiError(400, "upload_aborted", "the client closed the connection during the upload")
         chunk = msg.get("body", b"")
         received += len(chunk)
@@ -424,6 +428,8 @@ async def _sweep(state: AppState) -> None:
     while True:
         await asyncio.sleep(period)
         state.store.expire()
+        # the model-side state (prepared images) of expired / evicted sessions goes now, not with the next job
+        state.worker.post(lambda: state.service.prune(state.store.live_keys()))
 
 
 def serve(cfg: ServerConfig, log_level: str = "info") -> int:

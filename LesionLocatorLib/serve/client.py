@@ -41,6 +41,7 @@ class ServerError(IOError):
                  url: Optional[str] = None):
         super().__init__(message)
         self.message, self.status, self.code, self.url = message, status, code, url
+        self.retry_after: Optional[float] = None  # seconds, from a 429 / 503 answer's Retry-After
 
     def __str__(self) -> str:
         return self.message
@@ -85,6 +86,15 @@ def _error_from_response(resp: Any, url: str) -> ServerError:
         code, message = "", f"{resp.reason or 'error'} (a {kind} answer, not from a LesionLocator server?)"
     status = resp.status_code
     text = f"server {url} answered {status}: {message}"
+    err = _error_class(status, code, text, url)
+    try:  # 429 / 503 (quotas, a full server, a busy queue) say when to retry
+        err.retry_after = float(resp.headers.get("Retry-After", "")) if resp.headers.get("Retry-After") else None
+    except (TypeError, ValueError, AttributeError):
+        err.retry_after = None
+    return err
+
+
+def _error_class(status: int, code: str, text: str, url: str) -> ServerError:
     if status == 401:
         return AuthenticationError(f"{text} (check the token given to the backend)", status, code, url)
     if status == 404 and code == "unknown_session":

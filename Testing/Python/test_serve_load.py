@@ -115,6 +115,13 @@ def test_one_client_cannot_evict_another(quota_server):
     r = other2.upload(o2.json()["session_id"], ct(seed=31, shape=(30, 40, 80)))
     assert r.status_code == 503 and r.json()["error"] == "server_full" and "Retry-After" in r.headers, r.text
     assert victim.req("GET", f"/v1/sessions/{v}").json()["image"] is not None
+    # what RemoteBackend makes of it: a ServerError with the code and retry_after
+    from LesionLocatorLib.serve.client import RemoteBackend, ServerError
+
+    with RemoteBackend(url, token=TOKEN) as rb:
+        with pytest.raises(ServerError) as e:
+            rb.session().set_image(ct(seed=32))
+        assert e.value.status == 503 and e.value.code == "server_full" and e.value.retry_after > 0
     assert victim.segment(v, {"1": {"point": [15, 20, 18]}}).status_code == 200
     for c, sid in ((victim, v), (flooder, live), (other, o1.json()["session_id"]), (other2, o2.json()["session_id"])):
         assert c.req("DELETE", f"/v1/sessions/{sid}").status_code == 200  # room for the next tests
@@ -247,7 +254,7 @@ def test_bomb_reserved_before_allocation_and_delete_frees_memory(upload_server):
     sid = c.session().json()["session_id"]
     # 400 MiB of zeros compresses to a few hundred KiB: refused by the per-client quota (300 MiB) from its
     # declared size, before anything is allocated
-    big = Volume(np.zeros((400, 512, 1024), np.uint8))
+    big = Volume(np.zeros((400, 512, 1024), np.uint16))
     before = rss_mib(pid)
     r = c.upload(sid, big)
     assert r.status_code == 413 and "per client" in r.json()["message"], r.text

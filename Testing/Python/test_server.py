@@ -102,7 +102,8 @@ def start(checkpoint, **kw) -> ThreadServer:
 @pytest.fixture(scope="module")
 def srv(checkpoint):
     """A server configured with two client tokens (as on a public address) but bound to loopback."""
-    s = start(checkpoint, tokens=(TOKEN_A, TOKEN_B), max_upload_mb=1.0)
+    # many test clients share this server (not all close their sessions): room for them all
+    s = start(checkpoint, tokens=(TOKEN_A, TOKEN_B), max_upload_mb=1.0, max_sessions=256)
     yield s
     s.stop()
 
@@ -124,7 +125,7 @@ def assert_same(remote, local):
         np.testing.assert_array_equal(r.full(local.shape), les.full(local.shape))
 
 
-def raw(srv, method, path, token=TOKEN_A, client_key="k1", **kw):
+def raw(srv, method, path, token=TOKEN_A, client_key="client-key-1", **kw):
     headers = kw.pop("headers", {})
     if token is not None:
         headers["Authorization"] = f"Bearer {token}"
@@ -133,7 +134,7 @@ def raw(srv, method, path, token=TOKEN_A, client_key="k1", **kw):
     return requests.request(method, srv.url + path, headers=headers, timeout=60, **kw)
 
 
-def raw_session(srv, token=TOKEN_A, client_key="k1", vol=None):
+def raw_session(srv, token=TOKEN_A, client_key="client-key-1", vol=None):
     sid = raw(srv, "POST", "/v1/sessions", token, client_key).json()["session_id"]
     if vol is not None:
         r = raw(srv, "PUT", f"/v1/sessions/{sid}/image", token, client_key, data=encode_volume(vol),
@@ -406,11 +407,11 @@ def test_reupload_of_the_same_scan_is_skipped(srv):
 # bad inputs
 def test_isolation_between_clients(srv):
     vol = ct(seed=4)
-    sid = raw_session(srv, TOKEN_A, "alice", vol)
-    r = raw(srv, "POST", f"/v1/sessions/{sid}/segment", TOKEN_A, "alice", json={"prompts": {"1": {"point": [5, 5, 5]}}})
+    sid = raw_session(srv, TOKEN_A, "alice-client-key", vol)
+    r = raw(srv, "POST", f"/v1/sessions/{sid}/segment", TOKEN_A, "alice-client-key", json={"prompts": {"1": {"point": [5, 5, 5]}}})
     assert r.status_code == 200
     # other token, or same token from another client: the session does not exist for them
-    for token, key in [(TOKEN_B, "alice"), (TOKEN_A, "mallory"), (TOKEN_B, None)]:
+    for token, key in [(TOKEN_B, "alice-client-key"), (TOKEN_A, "mallory-client-key"), (TOKEN_B, "bob-client-key")]:
         for method, path, kw in [("GET", f"/v1/sessions/{sid}", {}),
                                  ("POST", f"/v1/sessions/{sid}/segment",
                                   {"json": {"prompts": {"1": {"point": [1, 1, 1]}}}}),
@@ -424,10 +425,13 @@ def test_isolation_between_clients(srv):
         own = raw_session(srv, token, key)
         r = raw(srv, "POST", f"/v1/sessions/{own}/image/reuse", token, key, json={"hash": content_hash(vol)})
         assert r.status_code == 404 and r.json()["error"] == "image_not_cached"
-    info = raw(srv, "GET", f"/v1/sessions/{sid}", TOKEN_A, "alice").json()
+    # without a client key there is no identity at all (not one shared by every key-less client)
+    r = raw(srv, "POST", "/v1/sessions", TOKEN_A, None)
+    assert r.status_code == 400 and r.json()["error"] == "client_key_required"
+    info = raw(srv, "GET", f"/v1/sessions/{sid}", TOKEN_A, "alice-client-key").json()
     assert info["uploads"] == 1 and info["requests"] == 1
-    assert raw(srv, "DELETE", f"/v1/sessions/{sid}", TOKEN_A, "alice").status_code == 200
-    assert raw(srv, "GET", f"/v1/sessions/{sid}", TOKEN_A, "alice").status_code == 404
+    assert raw(srv, "DELETE", f"/v1/sessions/{sid}", TOKEN_A, "alice-client-key").status_code == 200
+    assert raw(srv, "GET", f"/v1/sessions/{sid}", TOKEN_A, "alice-client-key").status_code == 404
 
 
 def _header(data: bytes) -> tuple:
@@ -664,20 +668,27 @@ def test_server_expires_idle_sessions_and_bounds_memory(checkpoint):
         b1.close()
     finally:
         s.stop()
-    # memory budget (a long TTL here, so that only the budget evicts): three 0.12 MiB scans cannot all stay
-    s = start(checkpoint, max_cache_mb=0.35, warmup=False)
+    # memory budget (a long TTL here, so that only the budget acts): three 0.12 MiB scans of three clients
+    # cannot all stay; the third client is refused (503 + Retry-After), the first two keep theirs (issue 14 #1)
+    s = start(checkpoint, max_cache_mb=0.35, max_cache_mb_per_client=0.3, warmup=False)
     try:
         b1 = RemoteBackend(s.url)
         s1 = b1.session()
         s1.set_image(vol_a)
         others = [RemoteBackend(s.url) for _ in range(2)]
         others[0].session().set_image(vol_b)
-        others[1].session().set_image(ct(seed=12))
-        assert s.state.store.total_bytes() <= 0.35 * 2**20 and s.state.store.evicted >= 1
-        # a click still works: the client re-uploads transparently
-        assert s1.segment(points={1: (10, 10, 10)}).lesions[1] is not None
-        with pytest.raises(RequestRejected, match="larger than the server's image cache"):
-            others[0].session().set_image(ct(shape=(40, 80, 80), seed=13))  # 0.49 MiB > 0.35 MiB
+        with pytest.raises(ServerInternalError, match="503.*other clients") as e:
+            others[1].session().set_image(ct(seed=12))
+        assert e.value.status == 503 and e.value.code == "server_full"
+        assert s.state.store.total_bytes() <= 0.35 * 2**20 and s.state.store.evicted == 0
+        # a click still works, without a re-upload: nobody evicted b1's scan
+        assert s1.segment(points={1: (10, 10, 10)}).lesions[1] is not None and b1.uploads == 1
+        with pytest.raises(RequestRejected, match="image cache for one client"):
+            others[0].session().set_image(ct(shape=(40, 80, 80), seed=13))  # 0.49 MiB > 0.3 MiB per client
+        # the same client's own older scan makes room for its new one
+        o = others[0].session()
+        o.set_image(ct(seed=14))
+        assert s.state.store.evicted >= 1 and o.segment(points={1: (10, 10, 10)}).lesions[1] is not None
         # per-image sessions on the model side follow the store: evicted images are dropped there too
         s1.segment(points={1: (12, 10, 10)})
         assert set(s.state.service._sessions) <= s.state.store.live_keys() | {(s1.session_id, s1.image_hash)}
@@ -836,10 +847,10 @@ def test_track_round_trip_equals_in_process(srv, local):
 
 def test_bad_track_requests(srv):
     base, fu = lung_ct(4), lung_ct(5, 1)
-    sid = raw_session(srv, TOKEN_A, "tracker", base)
-    raw(srv, "PUT", f"/v1/sessions/{sid}/image", TOKEN_A, "tracker", data=encode_volume(fu))
+    sid = raw_session(srv, TOKEN_A, "tracker-client-key", base)
+    raw(srv, "PUT", f"/v1/sessions/{sid}/image", TOKEN_A, "tracker-client-key", data=encode_volume(fu))
     body = {"baseline": content_hash(base), "followups": [content_hash(fu)], "prompts": {"1": {"point": [5, 5, 5]}}}
-    post = lambda b: raw(srv, "POST", f"/v1/sessions/{sid}/track", TOKEN_A, "tracker", json=b)  # noqa: E731
+    post = lambda b: raw(srv, "POST", f"/v1/sessions/{sid}/track", TOKEN_A, "tracker-client-key", json=b)  # noqa: E731
     for bad, status in [(dict(body, followups=[]), 422), (dict(body, use_results=True), 422),
                         ({k: v for k, v in body.items() if k != "prompts"}, 422), (dict(body, baseline="x"), 422),
                         (dict(body, followups=["0" * 64]), 409), (dict(body, propagation="magic"), 422),
@@ -848,14 +859,15 @@ def test_bad_track_requests(srv):
         r = post(bad)
         assert r.status_code == status, (bad, r.text)
         assert r.json()["message"]
-    assert raw(srv, "GET", f"/v1/sessions/{sid}", TOKEN_A, "tracker").json()["requests"] == 0
+    assert raw(srv, "GET", f"/v1/sessions/{sid}", TOKEN_A, "tracker-client-key").json()["requests"] == 0
 
 
 def test_stalled_upload_is_dropped(checkpoint):
     """A client that stops sending mid-upload gets a 408 and frees its upload slot."""
     s = start(checkpoint, upload_idle_timeout_s=0.5, warmup=False)
+    key = {"X-LesionLocator-Client": "stalled-client-key"}
     try:
-        sid = requests.post(f"{s.url}/v1/sessions", timeout=10).json()["session_id"]
+        sid = requests.post(f"{s.url}/v1/sessions", headers=key, timeout=10).json()["session_id"]
         data = encode_volume(ct(seed=50))
         sent = threading.Event()
 
@@ -865,10 +877,10 @@ def test_stalled_upload_is_dropped(checkpoint):
             time.sleep(2.0)
             yield data[100:]
 
-        r = requests.put(f"{s.url}/v1/sessions/{sid}/image", data=body(), timeout=10)
+        r = requests.put(f"{s.url}/v1/sessions/{sid}/image", data=body(), headers=key, timeout=10)
         assert r.status_code == 408 and r.json()["error"] == "upload_stalled"
         assert sent.is_set()
-        assert requests.get(f"{s.url}/v1/sessions/{sid}", timeout=10).json()["uploads"] == 0
-        assert requests.put(f"{s.url}/v1/sessions/{sid}/image", data=data, timeout=10).status_code == 200
+        assert requests.get(f"{s.url}/v1/sessions/{sid}", headers=key, timeout=10).json()["uploads"] == 0
+        assert requests.put(f"{s.url}/v1/sessions/{sid}/image", data=data, headers=key, timeout=10).status_code == 200
     finally:
         s.stop()
