@@ -39,7 +39,8 @@ def centres_mm(labels: np.ndarray, vol: Volume) -> dict:
 
 @pytest.fixture(scope="module")
 def model(package):
-    return LesionLocatorModel(package, device="cpu")
+    # random weights segment noise everywhere: keep the published single patch (no growth past it)
+    return LesionLocatorModel(package, device="cpu", grow=False)
 
 
 def test_learned_published_layout_runs_and_keeps_ids(model, phantom):
@@ -89,7 +90,7 @@ def test_classical_without_track_model_and_lost_lesions(tmp_path, phantom):
     top = max(ids, key=lambda i: zs[i])
     cut = int(np.argwhere(lab.array == top)[:, 0].min()) - 1
     fu, fu_lab, _ = make_followup(ct, lab, seed=3, z_extent=(0, cut), noise_hu=0)
-    seg_model = LesionLocatorModel(seg_only, device="cpu")
+    seg_model = LesionLocatorModel(seg_only, device="cpu", grow=False)
     tr = seg_model.tracker()
     assert (tr.propagation, tr.refine) == ("classical", "segment")
     tr_none = seg_model.tracker(refine="none")
@@ -234,3 +235,32 @@ def test_published_tta_and_folds_register_per_fold_and_flip(two_fold_model, phan
     approx.set_images(ct, [fu])
     approx.track(lab.array)
     assert [(r.fold, r.flips) for r in approx.registrations] == [(0, ()), (1, ())]
+
+
+def test_region_export_equals_whole_map_export_at_the_patch_border():
+    """Pass logits are background (1, 0) outside the patch; the published export resamples the whole map, so
+    foreground touching the patch border survives the trilinear resampling. The region export must agree."""
+    from LesionLocatorLib.model.plans import config_from_dicts, make_dataset_json, make_plans
+    from LesionLocatorLib.model.preprocessing import plan_grid
+    from LesionLocatorLib.model.resampling import whole_box
+    from LesionLocatorLib.track.refinement import LogitAccumulator
+
+    config = config_from_dicts(make_plans((32, 48, 48), (1.0, 0.8, 0.8), (2, 4, 8)), make_dataset_json())
+    arr = np.full((30, 70, 64), 40, np.int16)
+    grid = plan_grid(arr, (2.5, 1.5, 1.5), config)
+    rng = np.random.default_rng(0)
+    acc = LogitAccumulator(grid.resampled_shape)
+    whole = np.zeros((2, *grid.resampled_shape), np.float32)
+    whole[0] = 2.0
+    for box in (((10, 42), (20, 68), (30, 78)), ((25, 57), (40, 88), (10, 58))):  # two overlapping passes
+        logits = rng.normal(0, 2, (2, *[b - a for a, b in box])).astype(np.float32)
+        logits[1, :, :, -1] += 6  # strong foreground on the patch border
+        acc.add(torch.from_numpy(logits), box)
+        sl = tuple(slice(a, b) for a, b in box)
+        whole[(slice(None), *sl)] += logits - np.array([1, 0], np.float32)[:, None, None, None]
+    whole[:, :] /= 2
+    vals, _ = grid.backward.prob_region(whole, whole_box(grid.resampled_shape), whole_box(grid.cropped_shape))
+    want = vals[1] > vals[0]
+    got = acc.export(grid, 1).full(arr.shape).astype(bool)
+    assert want.sum() > 100
+    assert (got != want).sum() <= 2, (got.sum(), want.sum())  # float rounding of the mean at most
