@@ -93,6 +93,7 @@ class ModelWorker:
                 self._running = job
             try:
                 if not job.future.set_running_or_notify_cancel():
+                    self.abandoned += 1  # its client left while it waited: it never runs
                     continue
                 try:
                     job.check()

@@ -208,7 +208,7 @@ def test_worker_round_robin_per_client_limit_and_abandon():
 def upload_server(checkpoint, tmp_path_factory):
     s = ServerProcess(tmp_path_factory.mktemp("upload"), checkpoint, [
         "--no-warmup", "--upload-slots", "1", "--upload-slot-timeout", "2", "--shutdown-timeout", "3",
-        "--max-cache-mb", "600", "--max-cache-mb-per-client", "300"])
+        "--max-cache-mb", "600", "--max-cache-mb-per-client", "300", "--max-work", "100000"])
     yield s
     s.stop()
 
@@ -220,6 +220,34 @@ def trickle_upload(port: int, sid: str, key: str, first: bytes) -> socket.socket
                   f"X-LesionLocator-Client: {key}\r\nContent-Type: {MEDIA_TYPE}\r\nTransfer-Encoding: chunked\r\n\r\n"
                   ).encode() + f"{len(first):x}\r\n".encode() + first + b"\r\n")
     return sock
+
+
+def test_abandoned_request_never_runs(upload_server):
+    """A request whose client disconnected while it waited in the queue is dropped before it starts."""
+    c = Client(upload_server.url, "client-key-gone")
+    sid = c.session().json()["session_id"]
+    big = Volume(np.random.default_rng(0).normal(0, 100, (96, 128, 128)).astype(np.int16), spacing=(1, 1, 1))
+    assert c.upload(sid, big).status_code == 200
+    whole = {"1": {"box": [0, 96, 0, 128, 0, 128]}}  # 6 x 7 x 7 = 294 tiles: seconds of work
+    assert c.segment(sid, whole).status_code == 200  # the image's grids are made once, here
+    t0 = time.perf_counter()
+    assert c.segment(sid, whole).status_code == 200
+    job_s = time.perf_counter() - t0
+    assert job_s > 0.8, f"the job ({job_s:.2f} s) is too short to queue behind"
+    before = c.req("GET", "/v1/health").json()["abandoned"]
+    with ThreadPoolExecutor(1) as ex:
+        long = ex.submit(c.segment, sid, whole)
+        time.sleep(0.2)
+        impatient = Client(upload_server.url, "client-key-gone")
+        with pytest.raises(requests.exceptions.ReadTimeout):  # gives up and closes while queued behind `long`
+            impatient.req("POST", f"/v1/sessions/{sid}/segment", json={"prompts": whole}, timeout=0.3)
+        impatient.http.close()
+        assert long.result(timeout=300).status_code == 200
+    deadline = time.monotonic() + 30
+    while c.req("GET", "/v1/health").json()["abandoned"] != before + 1:
+        assert time.monotonic() < deadline, "the abandoned request ran"
+        time.sleep(0.2)
+    assert c.req("GET", f"/v1/sessions/{sid}").json()["requests"] == 3  # two clicks and `long`: the abandoned one is not recorded
 
 
 def test_slow_uploads_do_not_block_others(upload_server):

@@ -761,14 +761,14 @@ def library_accepts(body) -> bool:
 
 @pytest.fixture(scope="module")
 def fuzz_session(srv):
-    return raw_session(srv, TOKEN_A, "fuzzer", FUZZ_VOL)
+    return raw_session(srv, TOKEN_A, "fuzzer-client-key", FUZZ_VOL)
 
 
 @settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow,
                                                                   HealthCheck.function_scoped_fixture])
 @given(body=segment_body)
 def test_fuzz_segment_bodies(srv, fuzz_session, body):
-    r = raw(srv, "POST", f"/v1/sessions/{fuzz_session}/segment", TOKEN_A, "fuzzer", json=body)
+    r = raw(srv, "POST", f"/v1/sessions/{fuzz_session}/segment", TOKEN_A, "fuzzer-client-key", json=body)
     assert r.status_code < 500, r.text
     assert (r.status_code == 200) == library_accepts(body), (body, r.status_code, r.text[:300])
     if r.status_code == 200:
@@ -788,7 +788,7 @@ def test_fuzz_binary_and_other_endpoints(srv, fuzz_session, junk, cut, path):
         if data == good:
             continue
         for ctype in ("application/json", MEDIA_TYPE):
-            r = raw(srv, method, f"/v1/sessions/{fuzz_session}/{path}", TOKEN_A, "fuzzer", data=data,
+            r = raw(srv, method, f"/v1/sessions/{fuzz_session}/{path}", TOKEN_A, "fuzzer-client-key", data=data,
                     headers={"Content-Type": ctype})
             assert r.status_code < 500, r.text
             assert r.status_code != 200, r.text
