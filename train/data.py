@@ -1,7 +1,7 @@
 """Training data: preprocessing (as at inference) with an .npy cache, lesion sampling, prompt simulation, patches.
 
 Everything geometric reuses LesionLocatorLib: cases are preprocessed with :func:`plan_grid` /
-:class:`GridResampler` and :func:`normalize_ct` exactly as the segmenter does at inference (crop to non-zero,
+:class:`GridResampler` and :func:`normalize_ct` exactly as a segmentation session does at inference (crop to non-zero,
 CT normalisation, resampling to the plans' spacing), and prompts are encoded with the library's
 :func:`encode_point_at` / :func:`encode_box_at`, so the network sees in training what it sees in use.
 
@@ -365,7 +365,7 @@ def make_sample(case: Case, lesion: int, kind: str, patch: Sequence[int], rng: n
     lab_w = np.asarray(case.labels[win])
     les = lab_w == lesion
     prompt_w = simulate_prompt(les, kind, rng)
-    if kind == "point":  # centre the patch on the click, as the segmenter does
+    if kind == "point":  # centre the patch on the click, as a segmentation session does
         nz = np.argwhere(prompt_w)
         lo, hi = nz.min(0), nz.max(0) + 1
     else:

@@ -1,4 +1,4 @@
-"""Result containers shared by the segmenter, the tracker, the server and the Slicer module.
+"""Result containers shared by sessions, the tracker, the server and the Slicer module.
 
 Masks are kept as crops (bounding box + boolean block) so that a click on a whole-body
 scan costs memory in proportion to the lesion, not the scan; ``full()`` expands on demand.

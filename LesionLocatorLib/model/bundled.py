@@ -16,7 +16,7 @@ class BundledModelMissing(FileNotFoundError):
 
 
 def default_checkpoint() -> Path:
-    """The bundled ``LesionLocatorCheckpoint`` folder (point + box models), for ``LesionSegmenter.from_checkpoint``."""
+    """The bundled ``LesionLocatorCheckpoint`` folder (point + box models), for ``LesionLocatorModel``."""
     root = DEFAULT_MODEL_DIR / "LesionLocatorCheckpoint"
     needed = [root / "LesionLocatorSeg" / sub / name
               for sub in ("point_optimized", "bbox_optimized")
