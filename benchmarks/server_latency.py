@@ -43,7 +43,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from LesionLocatorLib.core.geometry import Volume  # noqa: E402
+from LesionLocatorLib.core.geometry import Volume
 
 LIDC = REPO.parent / "shared" / "data" / "lidc0314" / "LIDC-IDRI-0314_ct.nii.gz"
 LIDC_NODULE = (159, 243, 184)
@@ -83,8 +83,8 @@ def synthetic_ct(shape=(300, 512, 512), spacing=(1.0, 0.7, 0.7), seed=0) -> tupl
     return Volume(arr, spacing=spacing, origin=(-180.0, -180.0, -300.0)), center
 
 
-def torch_no_grad(fn):  # noqa: ANN001, ANN201 - imports torch only when called
-    def wrapper(*a, **kw):  # noqa: ANN002, ANN003, ANN202
+def torch_no_grad(fn):
+    def wrapper(*a, **kw):
         import torch
 
         with torch.no_grad():
@@ -169,7 +169,7 @@ def bench_device(device: str, ckpt: Path, vol: Volume, center: tuple[int, int, i
             try:
                 wait_for_server(url, timeout_s=2)
                 break
-            except Exception:  # noqa: BLE001 - not ready yet
+            except Exception:
                 if time.monotonic() > deadline:
                     raise
         backend = RemoteBackend(url)
@@ -270,7 +270,7 @@ def rss_mib(pid: int) -> float:
     return float("nan")  # not Linux
 
 
-def fairness(url: str, client, vol: Volume, center: tuple[int, int, int], clicks: int) -> dict:  # noqa: ANN001
+def fairness(url: str, client, vol: Volume, center: tuple[int, int, int], clicks: int) -> dict:
     """One client's click while another floods the queue (3 connections of one client key, 4 lesions each)."""
     import threading
 
@@ -299,7 +299,7 @@ def fairness(url: str, client, vol: Volume, center: tuple[int, int, int], clicks
         idle.append(time.perf_counter() - t)
     stop, refused = threading.Event(), [0]
 
-    def flood(s) -> None:  # noqa: ANN001
+    def flood(s) -> None:
         while not stop.is_set():
             try:
                 s.segment(points=flood_pts)

@@ -3,15 +3,13 @@ uploads, the client key. Behaviour that needs a real process runs against ``lesi
 (two processes, stopped by their pids); the scheduler's order is pure logic and runs in this process."""
 from __future__ import annotations
 
-import os
-import re
 import signal
 import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Optional
 
 import numpy as np
 import pytest
@@ -315,3 +313,21 @@ def test_sigterm_is_bounded_with_a_stalled_upload(checkpoint, tmp_path):
         sock.close()
     finally:
         s.stop()
+
+
+# ----------------------------------------------------------------------------------------
+# 10: low-entropy tokens; limits advertised in /version
+def test_low_entropy_tokens_refused():
+    from LesionLocatorLib.serve.config import ServerConfig, ServerConfigError, check_config
+
+    for bad in ("a" * 32, "ab" * 16, "0123456" * 4):
+        with pytest.raises(ServerConfigError, match="low entropy"):
+            check_config(ServerConfig(host="0.0.0.0", tokens=(bad,)))
+    check_config(ServerConfig(host="0.0.0.0", tokens=("Zq3-vX9_kP2mW7rT",)))
+
+
+def test_version_states_the_limits(quota_server):
+    limits = Client(quota_server.url, None).req("GET", "/v1/version").json()["limits"]
+    assert limits["max_sessions"] == 4 and limits["max_sessions_per_client"] == 2
+    assert limits["max_cache_bytes_per_client"] == int(0.3 * MiB) and limits["max_work"] == 2
+    assert limits["max_queue_per_client"] == 2 and limits["max_mask_voxels"] == 1000
