@@ -62,7 +62,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--upload-slot-timeout", type=float, default=10.0,
                         help="seconds an upload waits for a free slot before 503 uploads_busy (default 10)")
     parser.add_argument("--upload-min-rate-kbps", type=float, default=64.0,
-                        help="minimum average upload rate in KiB/s after the first 30 s (default 64; slower: 408)")
+                        help="minimum average upload rate in KiB/s after --upload-rate-grace seconds (default 64; "
+                             "slower: 408 upload_too_slow)")
+    parser.add_argument("--upload-rate-grace", type=float, default=30.0,
+                        help="seconds before the minimum upload rate applies (default 30)")
     parser.add_argument("--limit-concurrency", type=int, default=64,
                         help="open connections at once (default 64; more get 503)")
     parser.add_argument("--shutdown-timeout", type=float, default=20.0,
@@ -100,7 +103,7 @@ def config_from_args(args: argparse.Namespace) -> "ServerConfig":
         max_work=args.max_work, request_deadline_s=args.request_deadline, upload_slots=args.upload_slots,
         upload_min_rate_kbps=args.upload_min_rate_kbps, limit_concurrency=args.limit_concurrency,
         max_mask_voxels=args.max_mask_voxels, upload_slot_timeout_s=args.upload_slot_timeout,
-        shutdown_timeout_s=args.shutdown_timeout,
+        shutdown_timeout_s=args.shutdown_timeout, upload_rate_grace_s=args.upload_rate_grace,
         max_queue=args.max_queue, session_ttl_s=args.session_ttl, warmup=not args.no_warmup,
         tls_cert=args.tls_cert, tls_key=args.tls_key)
 

@@ -358,7 +358,7 @@ async def _decode_stream(request: Request, dec: StreamDecoder, state: AppState) 
     """Decode an upload in a side thread while the next bytes arrive (decompression overlaps the transfer).
 
     Bounded in time: no data for ``upload_idle_timeout_s``, an average rate under ``upload_min_rate_kbps``
-    after the first 30 s, or more than ``upload_deadline_s`` in all is a 408 (the slot and memory are freed)."""
+    after the first ``upload_rate_grace_s``, or more than ``upload_deadline_s`` in all is a 408 (the slot and memory are freed)."""
     cfg = state.cfg
     loop = asyncio.get_running_loop()
     buf = bytearray()
@@ -384,7 +384,7 @@ async def _decode_stream(request: Request, dec: StreamDecoder, state: AppState) 
         chunk = msg.get("body", b"")
         received += len(chunk)
         elapsed = time.monotonic() - t0
-        if elapsed > 30 and received / elapsed < cfg.upload_min_rate_kbps * 1024:
+        if elapsed > cfg.upload_rate_grace_s and received / elapsed < cfg.upload_min_rate_kbps * 1024:
             raise ApiError(408, "upload_too_slow", f"the upload averaged {received / elapsed / 1024:.1f} KiB/s, under "
                                                    f"the minimum of {cfg.upload_min_rate_kbps:.0f} KiB/s; dropped")
         buf += chunk

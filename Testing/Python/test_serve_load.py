@@ -299,11 +299,23 @@ def test_bomb_reserved_before_allocation_and_delete_frees_memory(upload_server):
         time.sleep(0.2)
 
 
-def test_sigterm_is_bounded_with_a_stalled_upload(checkpoint, tmp_path):
-    s = ServerProcess(tmp_path, checkpoint, ["--no-warmup", "--shutdown-timeout", "2"])
+def test_trickled_upload_dropped_and_sigterm_bounded(checkpoint, tmp_path):
+    s = ServerProcess(tmp_path, checkpoint, ["--no-warmup", "--shutdown-timeout", "2", "--upload-rate-grace", "1",
+                                             "--upload-min-rate-kbps", "16"])
     try:
         c = Client(s.url, "client-key-term")
         sid = c.session().json()["session_id"]
+        data = encode_volume(ct(seed=9))
+
+        def trickle():  # 200 B every 0.2 s (~1 KiB/s): never idle, far under the minimum rate
+            for i in range(0, 30 * 200, 200):
+                yield data[i:i + 200]
+                time.sleep(0.2)
+
+        # (requests reads the answer only after its body: the server's 408 came at ~1 s, the rest was discarded)
+        r = c.req("PUT", f"/v1/sessions/{sid}/image", data=trickle(), headers={"Content-Type": MEDIA_TYPE})
+        assert r.status_code == 408 and r.json()["error"] == "upload_too_slow", r.text
+        assert c.upload(sid, ct(seed=9)).status_code == 200  # its slot was freed
         sock = trickle_upload(s.port, sid, "client-key-term", encode_volume(ct(seed=8))[:64])
         time.sleep(0.5)
         t0 = time.perf_counter()
