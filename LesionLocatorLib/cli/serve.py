@@ -68,6 +68,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="seconds before the minimum upload rate applies (default 30)")
     parser.add_argument("--limit-concurrency", type=int, default=64,
                         help="open connections at once (default 64; more get 503)")
+    parser.add_argument("--header-timeout", type=float, default=30.0,
+                        help="seconds a request's headers may take to arrive; slower connections are closed "
+                             "(default 30)")
     parser.add_argument("--shutdown-timeout", type=float, default=20.0,
                         help="seconds SIGTERM waits for requests in flight before closing (default 20)")
     parser.add_argument("--session-ttl", type=float, default=3600.0,
@@ -104,6 +107,7 @@ def config_from_args(args: argparse.Namespace) -> "ServerConfig":
         upload_min_rate_kbps=args.upload_min_rate_kbps, limit_concurrency=args.limit_concurrency,
         max_mask_voxels=args.max_mask_voxels, upload_slot_timeout_s=args.upload_slot_timeout,
         shutdown_timeout_s=args.shutdown_timeout, upload_rate_grace_s=args.upload_rate_grace,
+        header_timeout_s=args.header_timeout,
         max_queue=args.max_queue, session_ttl_s=args.session_ttl, warmup=not args.no_warmup,
         tls_cert=args.tls_cert, tls_key=args.tls_key)
 

@@ -432,6 +432,43 @@ async def _sweep(state: AppState) -> None:
         state.worker.post(lambda: state.service.prune(state.store.live_keys()))
 
 
+def header_timeout_protocol(timeout_s: float) -> type:
+    """uvicorn's h11 protocol with a deadline for each request's headers: uvicorn times out idle keep-alive
+    connections but not a request line / headers that trickle in (slowloris), which would otherwise hold one of
+    the ``limit_concurrency`` connections forever."""
+    import h11
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class HeaderTimeoutH11(H11Protocol):
+        _header_timer: Optional[asyncio.TimerHandle] = None
+
+        def _arm(self) -> None:
+            if self._header_timer is not None:
+                self._header_timer.cancel()
+            self._header_timer = self.loop.call_later(timeout_s, self._headers_due)
+
+        def _headers_due(self) -> None:
+            self._header_timer = None
+            if self.conn.their_state is h11.IDLE and not self.transport.is_closing():  # headers still incomplete
+                log.info("closed a connection whose request headers took longer than %.0f s", timeout_s)
+                self.transport.close()
+
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            self._arm()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            self._arm()  # the next request on this keep-alive connection gets its own deadline
+
+        def connection_lost(self, exc: Optional[Exception]) -> None:
+            if self._header_timer is not None:
+                self._header_timer.cancel()
+            super().connection_lost(exc)
+
+    return HeaderTimeoutH11
+
+
 def serve(cfg: ServerConfig, log_level: str = "info") -> int:
     """Load and warm up the model, then serve until stopped; returns a process exit code.
 
@@ -458,6 +495,7 @@ def serve(cfg: ServerConfig, log_level: str = "info") -> int:
         log.warning("serving plain HTTP on %s: the bearer token and the images travel unencrypted; use "
                     "--tls-cert/--tls-key, a TLS reverse proxy or an SSH tunnel on untrusted networks", cfg.host)
     server = uvicorn.Server(uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level=log_level,
+                                           http=header_timeout_protocol(cfg.header_timeout_s),
                                            access_log=log_level == "debug", lifespan="on",
                                            ssl_certfile=cfg.tls_cert, ssl_keyfile=cfg.tls_key,
                                            # bounded: open connections (503 beyond), idle keep-alive, and the

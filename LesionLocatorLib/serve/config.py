@@ -44,6 +44,7 @@ class ServerConfig:
     upload_deadline_s: float = 900.0
     upload_min_rate_kbps: float = 64.0  # KiB/s averaged, enforced after the first upload_rate_grace_s
     upload_rate_grace_s: float = 30.0
+    header_timeout_s: float = 30.0  # a request's line and headers must arrive within this (slowloris)
     limit_concurrency: int = 64  # open connections; more get 503 from uvicorn
     shutdown_timeout_s: float = 20.0
     warmup: bool = True

@@ -301,7 +301,7 @@ def test_bomb_reserved_before_allocation_and_delete_frees_memory(upload_server):
 
 def test_trickled_upload_dropped_and_sigterm_bounded(checkpoint, tmp_path):
     s = ServerProcess(tmp_path, checkpoint, ["--no-warmup", "--shutdown-timeout", "2", "--upload-rate-grace", "1",
-                                             "--upload-min-rate-kbps", "16"])
+                                             "--upload-min-rate-kbps", "16", "--header-timeout", "2"])
     try:
         c = Client(s.url, "client-key-term")
         sid = c.session().json()["session_id"]
@@ -312,6 +312,14 @@ def test_trickled_upload_dropped_and_sigterm_bounded(checkpoint, tmp_path):
                 yield data[i:i + 200]
                 time.sleep(0.2)
 
+        # header slowloris: a request line and half a header, then nothing: closed after --header-timeout
+        loris = socket.create_connection(("127.0.0.1", s.port), timeout=15)
+        loris.sendall(b"GET /v1/health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: ")
+        t0 = time.perf_counter()
+        assert loris.recv(1024) == b""  # closed by the server, no answer
+        assert 1.5 < time.perf_counter() - t0 < 10
+        loris.close()
+        assert c.req("GET", "/v1/health").status_code == 200  # an ordinary request is unaffected
         # (requests reads the answer only after its body: the server's 408 came at ~1 s, the rest was discarded)
         r = c.req("PUT", f"/v1/sessions/{sid}/image", data=trickle(), headers={"Content-Type": MEDIA_TYPE})
         assert r.status_code == 408 and r.json()["error"] == "upload_too_slow", r.text
