@@ -14,7 +14,6 @@ Determinism: fixed thread count, full (``NONE``) or ``REGULAR`` metric sampling 
 """
 from __future__ import annotations
 
-import argparse
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -363,33 +362,3 @@ class ClassicalPropagator:
 
 
 # -- command line: `lesionlocator register` (the registration-only baseline) -------------------------------------
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Arguments of ``lesionlocator register``: warp a baseline mask onto a follow-up by classical registration."""
-    parser.add_argument("--baseline", required=True, help="baseline image (NIfTI/NRRD/MHA or DICOM folder)")
-    parser.add_argument("--followup", required=True, help="follow-up image")
-    parser.add_argument("--mask", required=True, help="baseline lesion mask or instance label map (baseline grid)")
-    parser.add_argument("-o", "--output", required=True, help="warped mask on the follow-up grid")
-    parser.add_argument("--affine-only", action="store_true", help="skip the deformable (demons) stage")
-    parser.add_argument("--resolution-mm", type=float, default=DEFAULT_RESOLUTION_MM, help="registration grid spacing in mm")
-    parser.add_argument("--threads", type=int, default=2, help="threads (fixed for reproducible results)")
-
-
-def run(args: argparse.Namespace) -> int:
-    from ..core.geometry import GeometryError
-    from ..core.image_io import read_image, write_image
-
-    baseline = read_image(args.baseline)
-    followup = read_image(args.followup)
-    mask = read_image(args.mask)
-    if not mask.same_grid(baseline, tol=1e-3):
-        raise GeometryError(f"mask {args.mask} is not on the baseline image's grid (shape, spacing, origin, direction)")
-    prop = ClassicalPropagator(resolution_mm=args.resolution_mm, deformable=not args.affine_only,
-                               threads=args.threads)
-    warped = prop.register(baseline, followup).warp(mask.array)
-    write_image(followup.with_array(warped), args.output)
-    rep = prop.last_report
-    labels = [int(v) for v in np.unique(warped) if v != 0]
-    print(f"wrote {args.output}: {len(labels)} label(s) on the follow-up; overlap {rep.overlap:.0%}, "  # type: ignore[union-attr]
-          f"correlation {rep.correlation_before:.3f} -> {rep.correlation:.3f}")  # type: ignore[union-attr]
-    return 0

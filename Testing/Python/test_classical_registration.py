@@ -177,7 +177,7 @@ def test_real_ct_oblique_anisotropic_followup_grid(sts002):
 def test_command_line_register(tmp_path):
     import argparse
 
-    from LesionLocatorLib.track import classical_registration
+    from LesionLocatorLib.cli import register
     from LesionLocatorLib.core.geometry import GeometryError
     from LesionLocatorLib.core.image_io import write_image
 
@@ -188,11 +188,11 @@ def test_command_line_register(tmp_path):
     write_image(followup, tmp_path / "f.nii.gz")
     write_image(mask.with_array(mask.array * 7), tmp_path / "m.nii.gz")
     parser = argparse.ArgumentParser()
-    classical_registration.add_arguments(parser)
+    register.add_arguments(parser)
     args = parser.parse_args(["--baseline", str(tmp_path / "b.nii.gz"), "--followup", str(tmp_path / "f.nii.gz"),
                               "--mask", str(tmp_path / "m.nii.gz"), "-o", str(tmp_path / "out.nii.gz"),
                               "--affine-only"])
-    assert classical_registration.run(args) == 0
+    assert register.run(args) == 0
     out = read_image(tmp_path / "out.nii.gz")
     assert out.same_grid(followup) and set(np.unique(out.array)) == {0, 7}
     assert dice(out.array, truth) >= 0.8
@@ -200,4 +200,4 @@ def test_command_line_register(tmp_path):
     write_image(Volume(truth[:, :, :50].copy(), followup.spacing, followup.origin), tmp_path / "wrong.nii.gz")
     args.mask = str(tmp_path / "wrong.nii.gz")
     with pytest.raises(GeometryError, match="not on the baseline"):
-        classical_registration.run(args)
+        register.run(args)
