@@ -10,7 +10,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from .files import atomic_write
-from .geometry import Volume
+from .geometry import GeometryError, Volume
 
 SUPPORTED_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
 
@@ -108,3 +108,17 @@ def write_image(volume: Volume, path: str | os.PathLike, compress: bool = True) 
     path = Path(path)
     suffix = "".join(path.suffixes[-2:]) if path.name.endswith(".nii.gz") else path.suffix
     return atomic_write(path, lambda tmp: sitk.WriteImage(volume_to_sitk(volume), tmp, compress), suffix)
+
+
+def load_volume(image: Volume | str | os.PathLike) -> Volume:
+    """A Volume (read from a path when needed) with finite numeric voxels, or a GeometryError."""
+    if not isinstance(image, Volume):
+        image = read_image(image)
+    arr = image.array
+    if not (np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating)):
+        raise GeometryError(f"image voxels must be numbers, got dtype {arr.dtype}")
+    if min(arr.shape) < 1:
+        raise GeometryError(f"image is empty: shape {arr.shape}")
+    if np.issubdtype(arr.dtype, np.floating) and not np.isfinite(arr).all():
+        raise GeometryError("image contains NaN or infinite values")
+    return image

@@ -8,16 +8,14 @@ patch. Used by segmentation sessions and by the tracker's refinement UNet (same 
 from __future__ import annotations
 
 import logging
-import os
 import time
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
-from ..core.geometry import GeometryError, Volume
-from ..core.image_io import read_image
+from ..core.geometry import Volume
 from ..core.prompts import EncodedPrompt
 from ..core.results import LesionMask
 from ..model.engine import Folds, LesionLocatorModel
@@ -44,20 +42,6 @@ class LesionDebug:
     grown: bool = False  # the prediction continued past the published tiles (segment/growth.py)
     tiles: int = 0  # number of tiles run
     growth_stop: str = OFF  # growth.NOT_NEEDED / COMPLETE / MAX_TILES / MAX_EXTENT, or OFF
-
-
-def load_volume(image: Union[Volume, str, os.PathLike]) -> Volume:
-    """A Volume (read from a path when needed) with finite numeric voxels, or a GeometryError."""
-    if not isinstance(image, Volume):
-        image = read_image(image)
-    arr = image.array
-    if not (np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating)):
-        raise GeometryError(f"image voxels must be numbers, got dtype {arr.dtype}")
-    if min(arr.shape) < 1:
-        raise GeometryError(f"image is empty: shape {arr.shape}")
-    if np.issubdtype(arr.dtype, np.floating) and not np.isfinite(arr).all():
-        raise GeometryError("image contains NaN or infinite values")
-    return image
 
 
 class PreparedImage:

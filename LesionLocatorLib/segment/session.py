@@ -17,7 +17,8 @@ from ..core.jobs import Cancelled, Progress, check_cancel  # noqa: F401 (Cancell
 from ..core.prompts import Box, Mask, Point, Prompt, PromptsArg, effective, encode_prompt, resolve_prompts
 from ..core.results import LesionMask, LesionStatus, SegmentationResult, bbox_slices, tight_bbox
 from ..model.engine import Folds, LesionLocatorModel
-from .predict import LesionDebug, PreparedImage, load_volume, predict_lesion
+from ..core.image_io import load_volume
+from .predict import LesionDebug, PreparedImage, predict_lesion
 
 
 

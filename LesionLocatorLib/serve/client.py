@@ -9,7 +9,7 @@
     tracked = tracker.track(masks=label_map)         # TrackingResult
     backend.close()                                  # deletes this client's server sessions
 
-Prompts are resolved exactly as in-process (``segment.session.resolve_prompts``), written with
+Prompts are resolved exactly as in-process (``core.prompts.resolve_prompts``), written with
 ``core.prompts.prompts_to_json`` and parsed on the server by ``core.prompts.parse_prompts``; mask prompts travel
 as crops inside the wire container. Every request carries ``folds`` and ``tta``, so equal settings give equal
 masks (``grow`` too). Every failure talking to the server is a :class:`ServerError`.
@@ -365,21 +365,21 @@ class _ServerSession:
 
 def _load(image: Union[Volume, str, os.PathLike]) -> Volume:
     # read and checked exactly as in-process (finite numeric voxels, a 3D image): the same error, at the same call
-    from ..segment.predict import load_volume
+    from ..core.image_io import load_volume
 
     return load_volume(image)
 
 
 def _resolve(image: Volume, prompts: Any, points: Any, boxes: Any, masks: Any, space: str) -> Dict[int, list]:
     # the same resolution and validation as in-process: a bad prompt fails here, with the same message
-    from ..segment.session import resolve_prompts
+    from ..core.prompts import resolve_prompts
 
     return resolve_prompts(image, prompts, points, boxes, masks, space)
 
 
 def _check_cancel(cancel: Optional[threading.Event]) -> None:
     if cancel is not None and cancel.is_set():
-        from ..segment.session import Cancelled
+        from ..core.jobs import Cancelled
 
         raise Cancelled("cancelled")
 
@@ -442,7 +442,7 @@ class RemoteTracker(_ServerSession):
     """The twin of ``track.tracker.LesionTracker`` on a server: same methods, arguments and results."""
 
     def __init__(self, backend: RemoteBackend, propagation: Optional[str] = None, refine: Optional[str] = None):
-        from ..track.tracker import PROPAGATIONS, REFINES, TrackingError
+        from ..track.checks import PROPAGATIONS, REFINES, TrackingError
 
         super().__init__(backend)
         if propagation is not None and propagation not in PROPAGATIONS:
@@ -460,13 +460,13 @@ class RemoteTracker(_ServerSession):
     def set_images(self, baseline: Union[Volume, str, os.PathLike],
                    followups: Sequence[Union[Volume, str, os.PathLike]]) -> None:
         """The baseline and its follow-ups (Volumes or paths, all read first); each is uploaded once."""
-        from ..track.tracker import LesionTracker, TrackingError
+        from ..track.checks import TrackingError, check_compatible
 
         if isinstance(followups, (str, os.PathLike, Volume)) or not followups:
             raise TrackingError("give the follow-up scans as a non-empty list")
         vols = [_load(v) for v in [baseline, *followups]]
         # the local tracker's own check (modality, field of view), so a bad follow-up fails here as in-process
-        LesionTracker._check_compatible(vols)
+        check_compatible(vols)
         self._held = {}
         self._hashes = [self._put(v) for v in vols]
         self._images = vols

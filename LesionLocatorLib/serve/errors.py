@@ -43,7 +43,7 @@ def error_for(exc: BaseException) -> ApiError:
     if isinstance(exc, CheckpointError):  # e.g. a fold this server does not hold
         return ApiError(422, "unsupported_setting", str(exc))
     try:
-        from ..track.tracker import TrackingError
+        from ..track.checks import TrackingError
     except ImportError:  # pragma: no cover - an installation without the tracker
         TrackingError = ()  # type: ignore[assignment,misc]  # noqa: N806
     if TrackingError and isinstance(exc, TrackingError):

@@ -43,7 +43,9 @@ from ..model.checkpoint import CheckpointError
 from ..model.engine import Folds, LesionLocatorModel
 from ..model.preprocessing import normalize_ct
 from ..model.resampling import whole_box
-from ..segment.predict import PreparedImage, load_volume
+from ..core.image_io import load_volume
+from ..segment.predict import PreparedImage
+from .checks import PROPAGATIONS, REFINES, TrackingError, check_compatible  # noqa: F401 (TrackingError: what track() raises)
 from ..segment.session import PromptsArg, check_cancel, prompt_center, resolve_prompts
 from .propagation import Deformation, LearnedPropagator
 from .refinement import LogitAccumulator, place_patch, run_pass, to_followup_grid
@@ -52,13 +54,7 @@ log = logging.getLogger(__name__)
 Progress = Callable[[float, str], None]
 Flips = Tuple[int, ...]
 ALL_FLIPS: List[Flips] = [c for k in range(4) for c in itertools.combinations((0, 1, 2), k)]  # published order
-PROPAGATIONS = ("learned", "classical")
-REFINES = ("unet", "segment", "none")
 TTA_MODES = (False, True, "unet")
-
-
-class TrackingError(ValueError):
-    """Tracking cannot be done as asked (incompatible scans, missing models, bad prompts)."""
 
 
 @dataclass
@@ -170,7 +166,7 @@ class LesionTracker:
         if isinstance(followups, (str, os.PathLike, Volume)) or not followups:
             raise TrackingError("give the follow-up scans as a non-empty list")
         images = [load_volume(im) for im in [baseline, *followups]]
-        self._check_compatible(images)
+        check_compatible(images)
         self.close()
         self._images = images
         self._prepared = [PreparedImage(v, self.model) for v in images]
@@ -182,22 +178,6 @@ class LesionTracker:
         self.registrations, self.last_debug = [], {}
         if self._session is not None:
             self._session.close()
-
-    @staticmethod
-    def _check_compatible(images: List[Volume]) -> None:
-        """Refuse pairs that cannot be the same patient's CT region: other modality or disjoint fields of view."""
-        ref = images[0]
-        extent0 = np.array(ref.shape) * np.array(ref.spacing)
-        for i, im in enumerate(images[1:], start=1):
-            extent = np.array(im.shape) * np.array(im.spacing)
-            ratio = np.max(np.maximum(extent, extent0) / np.maximum(np.minimum(extent, extent0), 1e-6))
-            if ratio > 8:
-                raise TrackingError(f"follow-up {i} covers a field of view {extent.round()} mm vs the baseline's "
-                                    f"{extent0.round()} mm: too different to track between")
-            lo = np.percentile(im.array[::4, ::4, ::4], 1)
-            if lo > -20 and np.percentile(ref.array[::4, ::4, ::4], 1) < -500:
-                raise TrackingError(f"follow-up {i} does not look like a CT in HU (1st percentile {lo:.0f}) while "
-                                    "the baseline does: baseline and follow-up must be the same modality")
 
     # -- public API -----------------------------------------------------------------------------
     def track(self, prompts: PromptsArg = None, *, points: Any = None, boxes: Any = None, masks: Any = None,
