@@ -4,12 +4,6 @@ identical results (masks, statuses, ids, reports) for every scenario, and so mus
 from __future__ import annotations
 
 import json
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +13,6 @@ pytest.importorskip("fastapi")
 
 from LesionLocatorLib.backend import open_backend  # noqa: E402
 from LesionLocatorLib.cli.main import main  # noqa: E402
-from LesionLocatorLib.core.geometry import Volume  # noqa: E402
 from LesionLocatorLib.core.image_io import read_image, write_image  # noqa: E402
 from LesionLocatorLib.core.prompts import Box, Point  # noqa: E402
 from LesionLocatorLib.core.results import LesionStatus, SegmentationResult  # noqa: E402
@@ -28,52 +21,7 @@ from LesionLocatorLib.model.tiny_model import write_random_checkpoint, write_ran
 from LesionLocatorLib.synthetic.longitudinal import make_followup, vanish_lesion  # noqa: E402
 from LesionLocatorLib.synthetic.phantom import lesion_prompts, make_phantom  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[2]
-TOKEN = "scenario-suite-token-3f9c2a71d8e4b6"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    """``lesionlocator serve`` in its own process (the console entry point's module), stopped by its pid."""
-
-    def __init__(self, checkpoint: Path, tmp: Path):
-        port = free_port()
-        self.url = f"http://127.0.0.1:{port}"
-        tokens = tmp / "tokens.txt"
-        tokens.write_text(TOKEN + "\n")
-        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-        self.log_path = tmp / "server.log"
-        self.log = open(self.log_path, "w")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "LesionLocatorLib.cli.main", "serve", "-m", str(checkpoint), "--host", "127.0.0.1",
-             "--port", str(port), "--device", "cpu", "--token-file", str(tokens)],
-            cwd=str(REPO), env=env, stdout=self.log, stderr=subprocess.STDOUT)
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                break
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                    return
-            except OSError:
-                time.sleep(0.3)
-        self.stop()
-        raise AssertionError("server did not start:\n" + self.log_path.read_text()[-3000:])
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.kill(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=30)
-        self.log.close()
+from conftest import TOKEN, ServerProcess  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -107,8 +55,8 @@ def tiny(tmp_path_factory):
 def servers(tiny, tmp_path_factory):
     started = {}
     try:
-        started["tiny"] = Server(tiny, tmp_path_factory.mktemp("srv_tiny"))
-        started["bundled"] = Server(default_checkpoint(), tmp_path_factory.mktemp("srv_bundled"))
+        started["tiny"] = ServerProcess(tmp_path_factory.mktemp("srv_tiny"), tiny)
+        started["bundled"] = ServerProcess(tmp_path_factory.mktemp("srv_bundled"), default_checkpoint())
         yield {k: s.url for k, s in started.items()}
     finally:
         for s in started.values():

@@ -5,15 +5,10 @@ from __future__ import annotations
 
 import http.server
 import json
-import os
 import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
-from typing import List, Optional
 
 import numpy as np
 import pytest
@@ -32,20 +27,9 @@ from LesionLocatorLib.serve.client import (
     ServerInternalError,
     ServerTimeout,
     ServerUnreachable,
-    wait_for_server,
 )
 
-from conftest import lung_ct
-
-REPO = Path(__file__).resolve().parents[2]
-TOKEN = "client-test-token-0123456789"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
+from conftest import TOKEN, ServerProcess, free_port, lung_ct
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
@@ -63,42 +47,6 @@ def checkpoint(tmp_path_factory) -> Path:
 def ct(shape=(30, 40, 36), seed=0) -> Volume:
     rng = np.random.default_rng(seed)
     return Volume(rng.normal(-50, 150, size=shape).astype(np.int16), spacing=(2.0, 0.8, 0.8))
-
-
-class ServerProcess:
-    """``lesionlocator serve`` (``python -m LesionLocatorLib.cli.main serve``) as a child process on a free
-    loopback port, stopped by its pid."""
-
-    def __init__(self, tmp: Path, checkpoint: Optional[Path], extra: List[str] = ()):  # type: ignore[assignment]
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        token_file = tmp / "tokens.txt"
-        token_file.write_text(TOKEN + "\n")
-        token_file.chmod(0o600)
-        env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-                   OMP_NUM_THREADS="1")
-        self.log_path = tmp / "server.log"
-        self.log = open(self.log_path, "w")
-        cmd = [sys.executable, "-m", "LesionLocatorLib.cli.main", "serve", "--host", "127.0.0.1",
-               "--port", str(self.port), "--device", "cpu", "--token-file", str(token_file), "--log-level", "warning",
-               *(["-m", str(checkpoint)] if checkpoint else []), *extra]
-        self.proc = subprocess.Popen(cmd, cwd=str(REPO), env=env, stdout=self.log, stderr=subprocess.STDOUT)
-        try:
-            wait_for_server(self.url, timeout_s=120, token=TOKEN)
-        except ServerError:
-            self.stop()
-            raise AssertionError("server did not start:\n" + self.log_path.read_text()[-3000:]) from None
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGCONT)
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-        self.proc.wait(timeout=30)
-        self.log.close()
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,7 @@ from LesionLocatorLib.serve.errors import ApiError
 from LesionLocatorLib.serve.service import Abandoned, ModelWorker
 from LesionLocatorLib.serve.wire import MEDIA_TYPE, encode_request, encode_volume
 
-from test_client import TOKEN, ServerProcess
+from conftest import TOKEN, ServerProcess
 
 MiB = 2**20
 
