@@ -1536,14 +1536,15 @@ class LesionLocatorLogic(ScriptedLoadableModuleLogic):
         rows = self.tableRows(tableNode)
         table = tableNode.GetTable()
         names = [table.GetColumnName(c) for c in range(table.GetNumberOfColumns())]
-        directory = os.path.dirname(os.path.abspath(path))
-        os.makedirs(directory, exist_ok=True)
-        tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp")
-        with open(tmp, "w", newline="", encoding="utf-8") as f:
-            writer = csv.DictWriter(f, fieldnames=names, lineterminator="\n")
-            writer.writeheader()
-            writer.writerows(rows)
-        os.replace(tmp, path)
+        from LesionLocatorLib.core.files import atomic_write  # the library's one writer (umask permissions)
+
+        def write(tmp: str) -> None:
+            with open(tmp, "w", newline="", encoding="utf-8") as f:
+                writer = csv.DictWriter(f, fieldnames=names, lineterminator="\n")
+                writer.writeheader()
+                writer.writerows(rows)
+
+        atomic_write(path, write)
         return path
 
 

@@ -29,7 +29,7 @@ from LesionLocatorLib.core.image_io import read_image
 from LesionLocatorLib.model.plans import ModelConfig
 from LesionLocatorLib.model.preprocessing import clip_ranges, normalize_ct, plan_grid
 from LesionLocatorLib.core.prompts import BALL_RADIUS, encode_box_at, encode_point_at
-from LesionLocatorLib.core.files import atomic_write_text
+from LesionLocatorLib.core.files import atomic_write, atomic_write_text
 from LesionLocatorLib.model.resampling import whole_box
 
 PROMPT_KINDS = ("point", "box", "mask")
@@ -108,9 +108,8 @@ def cache_case(name: str, dataset: str, image: Volume, labels: Volume, config: M
             return load_cached(d, stem)
     img, seg = preprocess_case(image, labels, config)
     for suffix, arr in (("_image.npy", img), ("_labels.npy", seg)):
-        tmp = d / f".{stem}{suffix}.{os.getpid()}.tmp.npy"  # per process: DDP ranks may cache the same case
-        np.save(tmp, arr)
-        os.replace(tmp, d / f"{stem}{suffix}")
+        # a unique temp file per writer: DDP ranks may cache the same case
+        atomic_write(d / f"{stem}{suffix}", lambda tmp, arr=arr: np.save(tmp, arr))
     boxes = _lesion_boxes(seg)
     meta = {"name": name, "dataset": dataset, "source_key": source_key, "shape": list(img.shape),
             "spacing": list(config.spacing), "lesion_boxes": {str(k): v for k, v in boxes.items()}}

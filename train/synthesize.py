@@ -25,7 +25,7 @@ from typing import Sequence
 import numpy as np
 
 from LesionLocatorLib.core.geometry import Volume
-from LesionLocatorLib.core.image_io import SUPPORTED_SUFFIXES, read_image, write_image
+from LesionLocatorLib.core.image_io import IMAGE_SUFFIXES, read_image, write_image
 from LesionLocatorLib.synthetic.longitudinal import GROWTH_AMPLITUDES, make_followup, random_growth
 from LesionLocatorLib.synthetic.phantom import make_phantom
 from LesionLocatorLib.core.files import atomic_write_text
@@ -176,7 +176,7 @@ def augment_pair(image: Volume | np.ndarray, labels: Volume | np.ndarray, seed: 
 # ---------------------------------------------------------------------------------------------------------
 def _strip_suffix(name: str) -> str | None:
     low = name.lower()
-    for suf in sorted(SUPPORTED_SUFFIXES, key=len, reverse=True):
+    for suf in sorted(IMAGE_SUFFIXES, key=len, reverse=True):
         if low.endswith(suf):
             return name[: -len(suf)]
     return None

@@ -27,6 +27,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
+from LesionLocatorLib.core.files import atomic_write
 from LesionLocatorLib.model.checkpoint import CheckpointError, write_checkpoint
 from LesionLocatorLib.model.network import build_network
 from LesionLocatorLib.model.plans import PlansError, config_from_dicts, make_dataset_json, make_plans, resolve_configuration
@@ -85,10 +86,8 @@ def plot_progress(records: Sequence[dict], path: Path, keys: Sequence[str] = ("t
     h2, l2 = ax2.get_legend_handles_labels()
     ax.legend(h1 + h2, l1 + l2, loc="upper right")
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=80)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=80, format="png"))
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -226,10 +225,7 @@ class BaseTrainer:
     def save_latest(self, next_epoch: int) -> Path:
         self.fold_dir.mkdir(parents=True, exist_ok=True)
         path = self.fold_dir / LATEST
-        tmp = path.with_suffix(".tmp")
-        torch.save(self.latest_state(next_epoch), tmp)
-        os.replace(tmp, path)
-        return path
+        return atomic_write(path, lambda tmp: torch.save(self.latest_state(next_epoch), tmp))
 
     def try_resume(self) -> bool:
         path = self.fold_dir / LATEST

@@ -83,12 +83,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def parse_folds(text: Optional[str]) -> Union[None, str, List[int]]:
-    if text is None or text == "all":
-        return text
-    try:
-        return [int(f) for f in text.split(",") if f.strip()]
-    except ValueError:
-        raise ValueError(f"--folds must be 'all' or comma-separated fold numbers, got {text!r}") from None
+    from ..model.checkpoint import parse_folds as parse
+
+    return None if text is None else parse(text)
 
 
 def config_from_args(args: argparse.Namespace) -> "ServerConfig":

@@ -9,10 +9,10 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
-from typing import Callable, Union
+from typing import Callable, Optional, Union
 
 PathLike = Union[str, os.PathLike]
-IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
+IMAGE_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")  # what read_image reads
 
 
 def _umask() -> int:
@@ -52,7 +52,12 @@ def atomic_write_bytes(path: PathLike, data: bytes) -> Path:
 def case_name(path: PathLike) -> str:
     """``/data/ct_001.nii.gz`` -> ``ct_001`` (image suffixes removed; folders such as DICOM series keep their name)."""
     name = Path(str(path).rstrip("/")).name
-    for suffix in IMAGE_SUFFIXES:
+    return strip_image_suffix(name) or name
+
+
+def strip_image_suffix(name: str) -> Optional[str]:
+    """``ct.nii.gz`` -> ``ct``; None when ``name`` has no image suffix."""
+    for suffix in sorted(IMAGE_SUFFIXES, key=len, reverse=True):
         if name.lower().endswith(suffix):
             return name[: -len(suffix)]
-    return name
+    return None

@@ -9,10 +9,8 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from .files import atomic_write
+from .files import IMAGE_SUFFIXES, atomic_write
 from .geometry import GeometryError, Volume
-
-SUPPORTED_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
 
 
 class ImageReadError(IOError):
@@ -21,7 +19,7 @@ class ImageReadError(IOError):
 
 def _has_supported_suffix(path: Path) -> bool:
     name = path.name.lower()
-    return any(name.endswith(s) for s in SUPPORTED_SUFFIXES)
+    return any(name.endswith(s) for s in IMAGE_SUFFIXES)
 
 
 def volume_from_sitk(image: sitk.Image) -> Volume:
@@ -66,7 +64,7 @@ def read_image(path: str | os.PathLike) -> Volume:
         else:
             if not _has_supported_suffix(path) and path.suffix.lower() != ".dcm":
                 raise ImageReadError(
-                    f"unsupported image format: {path.name} (supported: {', '.join(SUPPORTED_SUFFIXES)}, DICOM folder)"
+                    f"unsupported image format: {path.name} (supported: {', '.join(IMAGE_SUFFIXES)}, DICOM folder)"
                 )
             _check_nifti_complete(path)
             image = sitk.ReadImage(str(path))

@@ -33,7 +33,8 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from ..core.geometry import Volume
-from ..core.image_io import SUPPORTED_SUFFIXES, ImageReadError, read_image
+from ..core.files import strip_image_suffix
+from ..core.image_io import IMAGE_SUFFIXES, ImageReadError, read_image
 from .metrics import (Crops, MetricError, aggregate, dice, in_box, lesion_crops, normalized_surface_dice,
                       tracking_metrics, union_box)
 from ..core.files import atomic_write_text
@@ -50,11 +51,7 @@ class EvaluationError(ValueError):
 
 def case_name(path: Path) -> str | None:
     """File name without its image suffix, or None for files that are not images."""
-    name = path.name
-    for suffix in sorted(SUPPORTED_SUFFIXES, key=len, reverse=True):
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return None
+    return strip_image_suffix(path.name)
 
 
 def find_cases(folder: str | os.PathLike) -> dict[str, Path]:
@@ -216,7 +213,7 @@ def evaluate_folder(pred_dir: str | os.PathLike, gt_dir: str | os.PathLike, mode
         raise EvaluationError(f"mode must be one of {MODES}, got {mode!r}")
     gt_cases, pred_cases = find_cases(gt_dir), find_cases(pred_dir)
     if not gt_cases:
-        raise EvaluationError(f"no ground-truth images ({', '.join(SUPPORTED_SUFFIXES)}) in {gt_dir}")
+        raise EvaluationError(f"no ground-truth images ({', '.join(IMAGE_SUFFIXES)}) in {gt_dir}")
     sources = _pred_sources(pred_cases, gt_cases)
     scan_patient = {c: c for c in gt_cases}
     if patients is not None:

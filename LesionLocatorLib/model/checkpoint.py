@@ -19,6 +19,8 @@ from typing import Any, Iterable, List, Sequence, Union
 
 import torch
 
+from ..core.files import atomic_write, atomic_write_text
+
 MODEL_SUBDIRS = {
     "point": ("LesionLocatorSeg", "point_optimized"),
     "box": ("LesionLocatorSeg", "bbox_optimized"),
@@ -175,9 +177,7 @@ def write_checkpoint(model_dir: str | os.PathLike, plans: dict[str, Any], datase
     model_dir = Path(model_dir)
     (model_dir / f"fold_{fold}").mkdir(parents=True, exist_ok=True)
     for name, content in (("plans.json", plans), ("dataset.json", dataset)):
-        tmp = model_dir / f".{name}.tmp"
-        tmp.write_text(json.dumps(content, indent=2))
-        os.replace(tmp, model_dir / name)
+        atomic_write_text(model_dir / name, json.dumps(content, indent=2))
     ckpt = {
         "network_weights": {k: v.detach().cpu() for k, v in network_weights.items()},
         "optimizer_state": None,
@@ -192,8 +192,4 @@ def write_checkpoint(model_dir: str | os.PathLike, plans: dict[str, Any], datase
     }
     if extra:
         ckpt.update(extra)
-    path = model_dir / f"fold_{fold}" / CHECKPOINT_NAME
-    tmp = path.with_suffix(".tmp")
-    torch.save(ckpt, tmp)
-    os.replace(tmp, path)
-    return path
+    return atomic_write(model_dir / f"fold_{fold}" / CHECKPOINT_NAME, lambda tmp: torch.save(ckpt, tmp))
