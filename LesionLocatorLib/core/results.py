@@ -14,8 +14,6 @@ import numpy as np
 from .boxes import EMPTY_BOX, VoxelBox, bbox_slices, tight_bbox
 from .geometry import Volume
 
-BBox = VoxelBox  # kept for the tracker until it imports VoxelBox
-
 
 class LesionStatus(str, Enum):
     """What became of a lesion at one timepoint. A ``str`` enum: JSON, CSV and wire carry the plain text."""

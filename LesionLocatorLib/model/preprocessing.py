@@ -7,7 +7,8 @@ from typing import Sequence
 import numpy as np
 
 from .plans import CTStats, ModelConfig
-from .resampling import Box, GridResampler, resampled_shape
+from ..core.boxes import Spans
+from .resampling import GridResampler, resampled_shape
 
 
 def normalize_ct(array: np.ndarray, stats: CTStats) -> np.ndarray:
@@ -19,7 +20,7 @@ def normalize_ct(array: np.ndarray, stats: CTStats) -> np.ndarray:
     return out
 
 
-def nonzero_bbox(array: np.ndarray) -> Box:
+def nonzero_bbox(array: np.ndarray) -> Spans:
     """Bounding box of non-zero voxels (nnU-Net's crop_to_nonzero; holes do not change a box)."""
     nz = array != 0
     out = []
@@ -37,7 +38,7 @@ class PreprocessedGrid:
     """Where one input image lands in the model's grid (computed once per image)."""
 
     input_shape: tuple[int, int, int]
-    crop: Box  # in input voxels
+    crop: Spans  # in input voxels
     cropped_shape: tuple[int, int, int]
     resampled_shape: tuple[int, int, int]
     padded_shape: tuple[int, int, int]
@@ -56,7 +57,7 @@ class PreprocessedGrid:
         return np.asarray(self.resampled_shape, float) / np.asarray(self.cropped_shape, float)
 
 
-def plan_grid(array: np.ndarray, spacing: Sequence[float], config: ModelConfig, crop: Box | None = None) -> PreprocessedGrid:
+def plan_grid(array: np.ndarray, spacing: Sequence[float], config: ModelConfig, crop: Spans | None = None) -> PreprocessedGrid:
     crop = crop if crop is not None else nonzero_bbox(array)
     cropped = tuple(b - a for a, b in crop)
     res = resampled_shape(cropped, spacing, config.spacing)

@@ -25,9 +25,9 @@ from typing import Sequence
 import numpy as np
 from scipy import ndimage
 
+from ..core.boxes import Spans
 from .plans import ResamplingSpec
 
-Box = tuple[tuple[int, int], tuple[int, int], tuple[int, int]]  # ((z0, z1), (y0, y1), (x0, x1)) half-open
 
 # The cubic B-spline prefilter is an IIR filter whose influence decays as 0.268^d; 16 voxels of
 # context make a region's prefilter equal to the whole scan's to ~1e-9.
@@ -164,7 +164,7 @@ class GridResampler:
         self.sep_axis = separate_z_axis(spec, src_spacing, dst_spacing)
 
     # -- plans ------------------------------------------------------------------------
-    def linear_plans(self, box: Box) -> list[AxisPlan]:
+    def linear_plans(self, box: Spans) -> list[AxisPlan]:
         """Order-1 plans (torch trilinear, or scipy order 1 with nearest along the separate axis)."""
         plans = []
         for ax, (a, b) in enumerate(box):
@@ -180,11 +180,11 @@ class GridResampler:
                 plans.append(linear_plan(old_n, new_n, a, b, "scipy"))
         return plans
 
-    def source_box(self, box: Box) -> Box:
+    def source_box(self, box: Spans) -> Spans:
         return tuple(p.src_range for p in self.linear_plans(box))  # type: ignore[return-value]
 
     # -- images ---------------------------------------------------------------------------
-    def image_region(self, source: np.ndarray, box: Box, normalize=None, slice_ranges=None, device=None):
+    def image_region(self, source: np.ndarray, box: Spans, normalize=None, slice_ranges=None, device=None):
         """Resampled image values on ``box`` of the destination grid.
 
         ``source`` is the whole (cropped) source array (may be a lazy view); ``normalize`` maps raw
@@ -213,7 +213,7 @@ class GridResampler:
                                  slice_ranges)
         return torch.from_numpy(out).to(device)
 
-    def _cubic_region(self, source: np.ndarray, box: Box, norm, slice_ranges) -> np.ndarray:
+    def _cubic_region(self, source: np.ndarray, box: Spans, norm, slice_ranges) -> np.ndarray:
         order = self.spec.order_data
         axes = [0, 1, 2] if self.sep_axis is None else [a for a in range(3) if a != self.sep_axis]
         # source range (with spline support + prefilter margin) along the interpolated axes
@@ -261,7 +261,7 @@ class GridResampler:
         return np.stack([planes[int(s)] for s in zp.idx[0]], axis=sep)
 
     # -- probabilities / logits -----------------------------------------------------------
-    def prob_region(self, values, values_box: Box, box: Box) -> tuple[np.ndarray, np.ndarray]:
+    def prob_region(self, values, values_box: Spans, box: Spans) -> tuple[np.ndarray, np.ndarray]:
         """Resample channel-first ``values`` known on ``values_box`` of the source grid onto ``box``.
 
         Returns (resampled values, valid) where ``valid`` is False for output voxels that would
@@ -287,7 +287,7 @@ class GridResampler:
             valid &= ok.reshape(shape)
         return out.astype(np.float32, copy=False), valid
 
-    def valid_output_box(self, values_box: Box) -> Box | None:
+    def valid_output_box(self, values_box: Spans) -> Spans | None:
         """The destination-grid box whose voxels only touch source voxels inside ``values_box``."""
         out = []
         for ax, (va, vb) in enumerate(values_box):
@@ -300,7 +300,7 @@ class GridResampler:
         return tuple(out)  # type: ignore[return-value]
 
     # -- segmentations --------------------------------------------------------------------
-    def seg_region(self, seg: np.ndarray, box: Box) -> np.ndarray:
+    def seg_region(self, seg: np.ndarray, box: Spans) -> np.ndarray:
         """Resample a label map onto ``box`` the nnU-Net way (per-label indicator interpolation)."""
         plans = self.linear_plans(box)
         src = tuple(p.src_range for p in plans)
@@ -317,5 +317,5 @@ class GridResampler:
         return out
 
 
-def whole_box(shape: Sequence[int]) -> Box:
+def whole_box(shape: Sequence[int]) -> Spans:
     return tuple((0, int(s)) for s in shape)  # type: ignore[return-value]

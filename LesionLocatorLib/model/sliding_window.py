@@ -7,7 +7,8 @@ from typing import Sequence
 import numpy as np
 from scipy.ndimage import gaussian_filter
 
-Tile = tuple[tuple[int, int], tuple[int, int], tuple[int, int]]
+from ..core.boxes import Spans
+
 
 
 def sliding_window_steps(image_size: Sequence[int], patch: Sequence[int], step: float = 0.5) -> list[list[int]]:
@@ -24,7 +25,7 @@ def sliding_window_steps(image_size: Sequence[int], patch: Sequence[int], step: 
 
 
 def tiles_for_prompt(padded_shape: Sequence[int], patch: Sequence[int], bbox_lo: Sequence[int],
-                     bbox_hi: Sequence[int], step: float = 0.5) -> list[Tile]:
+                     bbox_hi: Sequence[int], step: float = 0.5) -> list[Spans]:
     """Tiles (padded-grid coordinates) that cover a prompt with inclusive bbox [lo, hi].
 
     One centred patch when the prompt is smaller than the patch on every axis; otherwise the
@@ -42,7 +43,7 @@ def tiles_for_prompt(padded_shape: Sequence[int], patch: Sequence[int], bbox_lo:
 
 
 def window_tiles(padded_shape: Sequence[int], patch: Sequence[int], lo: Sequence[int], hi: Sequence[int],
-                 step: float = 0.5, min_overlap: Sequence[int] | None = None) -> list[Tile]:
+                 step: float = 0.5, min_overlap: Sequence[int] | None = None) -> list[Spans]:
     """The nnU-Net sliding-window tiles (steps over the whole padded image) that overlap the inclusive
     box [lo, hi]; also where a lesion's prediction grows past its patch (segment/growth.py).
 
@@ -72,5 +73,5 @@ def gaussian_importance(patch: tuple[int, int, int], sigma_scale: float = 1.0 / 
     return g
 
 
-def union_box(tiles: Sequence[Tile]) -> Tile:
+def union_box(tiles: Sequence[Spans]) -> Spans:
     return tuple((min(t[ax][0] for t in tiles), max(t[ax][1] for t in tiles)) for ax in range(3))  # type: ignore[return-value]

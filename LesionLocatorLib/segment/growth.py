@@ -33,9 +33,9 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from ..model.sliding_window import Tile, union_box, window_tiles
+from ..core.boxes import Spans
+from ..model.sliding_window import union_box, window_tiles
 
-Box3 = Tuple[Tuple[int, int], Tuple[int, int], Tuple[int, int]]
 Faces = Dict[Tuple[int, int], bool]  # (axis, side -1 | +1) -> touched
 STEP = 0.5  # nnU-Net's (and the published inference's) tile step, in patches
 UNCOVERED_LOGITS = (0.0, -1e4)  # background, as the published NaN (0/0) of never-predicted voxels becomes
@@ -70,7 +70,7 @@ OFF = "off"
 @dataclass
 class GrowthOutcome:
     grown: bool = False
-    tiles: List[Tile] = field(default_factory=list)
+    tiles: List[Spans] = field(default_factory=list)
     rounds: int = 0
     stop: str = OFF
 
@@ -82,15 +82,15 @@ class Canvas:
     float32; ``logits()`` is ``acc / w`` where a tile predicted, background elsewhere.
     """
 
-    def __init__(self, box: Box3, num_classes: int, device: torch.device):
+    def __init__(self, box: Spans, num_classes: int, device: torch.device):
         self.box = box
         self.acc = torch.zeros((num_classes, *[b - a for a, b in box]), dtype=torch.float32, device=device)
         self.weight = torch.zeros(self.acc.shape[1:], dtype=torch.float32, device=device)
 
-    def _slices(self, inner: Box3) -> Tuple[slice, ...]:
+    def _slices(self, inner: Spans) -> Tuple[slice, ...]:
         return tuple(slice(a - o, b - o) for (a, b), (o, _) in zip(inner, self.box))
 
-    def expand(self, box: Box3) -> None:
+    def expand(self, box: Spans) -> None:
         """Grow the canvas to hold ``box`` too (values already summed are kept)."""
         new = tuple((min(a, c), max(b, d)) for (a, b), (c, d) in zip(self.box, box))
         if new == self.box:
@@ -101,7 +101,7 @@ class Canvas:
         old.weight[sl] = self.weight
         self.box, self.acc, self.weight = old.box, old.acc, old.weight
 
-    def add(self, tile: Tile, pred: torch.Tensor, gauss: torch.Tensor) -> None:
+    def add(self, tile: Spans, pred: torch.Tensor, gauss: torch.Tensor) -> None:
         if pred.device != self.acc.device:  # a CPU fallback moved the model: follow it
             self.acc, self.weight = self.acc.to(pred.device), self.weight.to(pred.device)
         self.expand(tile)
@@ -144,7 +144,7 @@ def lesion_of(foreground: np.ndarray, prompt: np.ndarray) -> np.ndarray:
     return np.isin(labels, ids[ids > 0])
 
 
-def open_faces(lesion: np.ndarray, covered: np.ndarray, canvas_box: Box3, image_box: Box3) -> Faces:
+def open_faces(lesion: np.ndarray, covered: np.ndarray, canvas_box: Spans, image_box: Spans) -> Faces:
     """Per direction: does a lesion voxel have a neighbour inside the image that no tile predicted?
 
     ``lesion`` and ``covered`` live on ``canvas_box``; ``image_box`` is the resampled image inside the
@@ -172,7 +172,7 @@ def open_faces(lesion: np.ndarray, covered: np.ndarray, canvas_box: Box3, image_
     return faces
 
 
-def bbox_of(mask: np.ndarray, offset: Sequence[int]) -> Box3:
+def bbox_of(mask: np.ndarray, offset: Sequence[int]) -> Spans:
     """Half-open bounding box of a non-empty mask, shifted by ``offset``."""
     out = []
     for ax in range(3):
@@ -182,8 +182,8 @@ def bbox_of(mask: np.ndarray, offset: Sequence[int]) -> Box3:
     return tuple(out)  # type: ignore[return-value]
 
 
-def extent_window(first: Sequence[Tile], prompt_box: Box3, patch: Sequence[int], padded_shape: Sequence[int],
-                  limits: GrowthLimits) -> Box3:
+def extent_window(first: Sequence[Spans], prompt_box: Spans, patch: Sequence[int], padded_shape: Sequence[int],
+                  limits: GrowthLimits) -> Spans:
     """The box growth may reach: ``max_extent`` patches centred on the prompt, at least the first tiles."""
     u = union_box(first)
     out = []
@@ -195,8 +195,8 @@ def extent_window(first: Sequence[Tile], prompt_box: Box3, patch: Sequence[int],
     return tuple(out)  # type: ignore[return-value]
 
 
-def next_tiles(lesion_box: Box3, faces: Faces, done: Set[Tile], padded_shape: Sequence[int],
-               patch: Sequence[int], window: Box3) -> List[Tile]:
+def next_tiles(lesion_box: Spans, faces: Faces, done: Set[Spans], padded_shape: Sequence[int],
+               patch: Sequence[int], window: Spans) -> List[Spans]:
     """Sliding-window tiles to add: the tiles of the published grid that overlap the lesion's box, extended
     by one voxel across each touched open face and clipped to ``window``, by at least a quarter patch per
     axis (or by the whole box where it is thinner), less the tiles that already ran.
@@ -219,9 +219,9 @@ def next_tiles(lesion_box: Box3, faces: Faces, done: Set[Tile], padded_shape: Se
     return [t for t in window_tiles(padded_shape, patch, lo, hi, STEP, quarter) if t not in done]
 
 
-def order_tiles(tiles: Sequence[Tile], centre: Sequence[float]) -> List[Tile]:
+def order_tiles(tiles: Sequence[Spans], centre: Sequence[float]) -> List[Spans]:
     """Nearest tile centre to the prompt first, then by position (a fixed order: deterministic sums)."""
-    def key(t: Tile):
+    def key(t: Spans):
         d = sum(((a + b) / 2 - c) ** 2 for (a, b), c in zip(t, centre))
         return (d, t)
     return sorted(tiles, key=key)

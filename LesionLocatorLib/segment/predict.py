@@ -20,13 +20,13 @@ from ..core.prompts import EncodedPrompt
 from ..core.results import LesionMask
 from ..model.engine import Folds, LesionLocatorModel
 from ..model.preprocessing import PreprocessedGrid, clip_ranges, plan_grid
-from ..model.resampling import Box as GridBox
+from ..core.boxes import Spans
 from ..model.sliding_window import gaussian_importance, tiles_for_prompt, union_box
 from .growth import (DEFAULT_LIMITS, MAX_EXTENT, MAX_TILES, NOT_NEEDED, OFF, COMPLETE, Canvas, GrowthLimits,
                      GrowthOutcome, bbox_of, extent_window, lesion_of, next_tiles, open_faces, order_tiles)
 
 log = logging.getLogger(__name__)
-Tiles = List[Tuple[Tuple[int, int], Tuple[int, int], Tuple[int, int]]]
+Tiles = List[Spans]
 
 
 @dataclass
@@ -115,7 +115,7 @@ def predict_lesion(prepared: PreparedImage, lid: int, kind: str, enc: EncodedPro
 
 
 def _region_input(prepared: PreparedImage, kind: str, enc: EncodedPrompt,
-                  region_p: GridBox) -> Tuple[torch.Tensor, GridBox]:
+                  region_p: Spans) -> Tuple[torch.Tensor, Spans]:
     """Network input [normalised image, prompt] on a box of the padded grid (on the model's device), and
     the part of the resampled image inside it. Preprocessing runs on the device too (GPU clicks do not wait
     for CPU resampling)."""
@@ -139,11 +139,11 @@ def _region_input(prepared: PreparedImage, kind: str, enc: EncodedPrompt,
     return x_region, values_box  # type: ignore[return-value]
 
 
-def _to_resampled(box_p: GridBox, pad: Sequence[int]) -> GridBox:
+def _to_resampled(box_p: Spans, pad: Sequence[int]) -> Spans:
     return tuple((a - p, b - p) for (a, b), p in zip(box_p, pad))  # type: ignore[return-value]
 
 
-def _run_tiles(model: LesionLocatorModel, kind: str, x_region: torch.Tensor, region_p: GridBox, tiles: Tiles,
+def _run_tiles(model: LesionLocatorModel, kind: str, x_region: torch.Tensor, region_p: Spans, tiles: Tiles,
                canvas: Canvas, gauss: torch.Tensor, tta: Optional[bool], folds: Folds) -> None:
     for t in tiles:
         sl = tuple(slice(a - ra, b - ra) for (a, b), (ra, _) in zip(t, region_p))
@@ -151,7 +151,7 @@ def _run_tiles(model: LesionLocatorModel, kind: str, x_region: torch.Tensor, reg
 
 
 def _predict_region(prepared: PreparedImage, kind: str, enc: EncodedPrompt, tiles: Tiles, tta: Optional[bool],
-                    folds: Folds, grow: bool, limits: GrowthLimits) -> Tuple[torch.Tensor, GridBox, GrowthOutcome]:
+                    folds: Folds, grow: bool, limits: GrowthLimits) -> Tuple[torch.Tensor, Spans, GrowthOutcome]:
     """Logits (float32 tensor on the model's device) on the predicted part of the resampled grid, that
     part's box, and what growth did."""
     model = prepared.model

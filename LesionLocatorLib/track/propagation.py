@@ -20,7 +20,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-Window = tuple[tuple[int, int], tuple[int, int], tuple[int, int]]
+from ..core.boxes import Spans
+
 
 
 class DeformationError(ValueError):
@@ -34,11 +35,11 @@ def _shape3(shape: Sequence[int], name: str) -> tuple[int, int, int]:
     return s  # type: ignore[return-value]
 
 
-def _full_window(shape: tuple[int, int, int]) -> Window:
+def _full_window(shape: tuple[int, int, int]) -> Spans:
     return ((0, shape[0]), (0, shape[1]), (0, shape[2]))
 
 
-def _check_window(window: Sequence[Sequence[int]] | None, shape: tuple[int, int, int], name: str) -> Window:
+def _check_window(window: Sequence[Sequence[int]] | None, shape: tuple[int, int, int], name: str) -> Spans:
     if window is None:
         return _full_window(shape)
     w = tuple((int(a), int(b)) for a, b in window)
@@ -120,8 +121,8 @@ class Deformation:
     coords: np.ndarray
     followup_shape: tuple[int, int, int]
     baseline_shape: tuple[int, int, int]
-    followup_window: Window | None = None
-    source_window: Window | None = None
+    followup_window: Spans | None = None
+    source_window: Spans | None = None
     source_shape: tuple[int, int, int] | None = None
     interpolation: Literal["nearest", "linear"] = "nearest"
     _margin: float | None = field(default=None, init=False, repr=False, compare=False)

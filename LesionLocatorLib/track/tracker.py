@@ -38,7 +38,8 @@ import torch
 
 from ..core.geometry import Volume
 from ..core.prompts import Mask, Prompt, PromptError, effective, mask_to_resampled
-from ..core.results import BBox, LesionMask, LesionStatus, SegmentationResult, TrackingResult, bbox_slices, tight_bbox
+from ..core.boxes import VoxelBox
+from ..core.results import LesionMask, LesionStatus, SegmentationResult, TrackingResult, bbox_slices, tight_bbox
 from ..model.checkpoint import CheckpointError
 from ..model.engine import Folds, LesionLocatorModel
 from ..model.preprocessing import normalize_ct
@@ -85,7 +86,7 @@ class PassDebug:
     followup_z: Tuple[int, int]
     registration_input_shapes: Tuple[Tuple[int, ...], Tuple[int, ...]]
     warped_voxels: int
-    warped_bbox: Optional[BBox]  # on the unflipped preprocessed follow-up grid
+    warped_bbox: Optional[VoxelBox]  # on the unflipped preprocessed follow-up grid
     warped_crop: Optional[np.ndarray] = field(default=None, repr=False)
     centre: Optional[Tuple[int, int, int]] = None  # pass frame (flipped, z-cropped)
     slicer: Optional[Tuple[int, int, int, int, int, int]] = None  # pass frame
@@ -334,7 +335,7 @@ class LesionTracker:
         patch = self.model.config("track").patch_size
         pp_b = self._preprocessed(b)
         # baseline prompts on the preprocessed grid (resampled as segmentations), kept as crops
-        prompts_pp: Dict[int, Tuple[BBox, np.ndarray]] = {}
+        prompts_pp: Dict[int, Tuple[VoxelBox, np.ndarray]] = {}
         for lid, m in masks.items():
             try:
                 res, box = mask_to_resampled(m, grid_a)
