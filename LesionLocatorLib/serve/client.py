@@ -460,13 +460,9 @@ class RemoteTracker(_ServerSession):
     def set_images(self, baseline: Union[Volume, str, os.PathLike],
                    followups: Sequence[Union[Volume, str, os.PathLike]]) -> None:
         """The baseline and its follow-ups (Volumes or paths, all read first); each is uploaded once."""
-        from ..track.checks import TrackingError, check_compatible
+        from ..track.checks import load_scans
 
-        if isinstance(followups, (str, os.PathLike, Volume)) or not followups:
-            raise TrackingError("give the follow-up scans as a non-empty list")
-        vols = [_load(v) for v in [baseline, *followups]]
-        # the local tracker's own check (modality, field of view), so a bad follow-up fails here as in-process
-        check_compatible(vols)
+        vols = load_scans(baseline, followups)  # the local tracker's own reading and checks
         self._held = {}
         self._hashes = [self._put(v) for v in vols]
         self._images = vols

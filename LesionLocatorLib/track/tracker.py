@@ -44,9 +44,8 @@ from ..model.checkpoint import CheckpointError
 from ..model.engine import Folds, LesionLocatorModel
 from ..model.preprocessing import normalize_ct
 from ..model.resampling import whole_box
-from ..core.image_io import load_volume
 from ..segment.predict import PreparedImage
-from .checks import PROPAGATIONS, REFINES, TrackingError, check_compatible  # noqa: F401 (TrackingError: what track() raises)
+from .checks import PROPAGATIONS, REFINES, TrackingError, load_scans  # noqa: F401 (TrackingError: what track() raises)
 from ..segment.session import PromptsArg, check_cancel, prompt_center, resolve_prompts
 from .propagation import Deformation, LearnedPropagator
 from .refinement import LogitAccumulator, place_patch, run_pass, to_followup_grid
@@ -164,10 +163,7 @@ class LesionTracker:
     def set_images(self, baseline: Union[Volume, str, os.PathLike],
                    followups: Sequence[Union[Volume, str, os.PathLike]]) -> None:
         """Read and validate every scan before any work, so a bad follow-up fails before anything runs."""
-        if isinstance(followups, (str, os.PathLike, Volume)) or not followups:
-            raise TrackingError("give the follow-up scans as a non-empty list")
-        images = [load_volume(im) for im in [baseline, *followups]]
-        check_compatible(images)
+        images = load_scans(baseline, followups)
         self.close()
         self._images = images
         self._prepared = [PreparedImage(v, self.model) for v in images]
