@@ -51,7 +51,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "round-robin")
     parser.add_argument("--max-work", type=int, default=256,
                         help="work one request may ask for, in tile passes = sliding-window tiles over each "
-                             "lesion's prompt x folds x TTA mirrors (default 256; more get 413 too_much_work)")
+                             "lesion's prompt x folds x TTA mirrors (default 256; more get 413 too_much_work); "
+                             "passes run by growth count too: a request past it stops before its next lesion")
     parser.add_argument("--max-mask-voxels", type=int, default=2**27,
                         help="foreground voxels of all mask prompts of one request (default 134217728; more: 413)")
     parser.add_argument("--request-deadline", type=float, default=300.0,

@@ -138,6 +138,7 @@ class LesionLocatorModel:
         self._models: Dict[str, PromptModel] = {}
         self._reg_nets: Dict[int, torch.nn.Module] = {}
         self._lock = threading.RLock()
+        self.network_passes = 0  # forward passes run (folds x TTA mirrors per tile): the server's work meter
 
     # -- what it holds -----------------------------------------------------------------------
     @property
@@ -239,6 +240,7 @@ class LesionLocatorModel:
         axes = model.mirror_axes if (self.tta if tta is None else tta) else ()
         combos = [c for k in range(1, len(axes) + 1) for c in itertools.combinations([a + 2 for a in axes], k)]
         total = None
+        self.network_passes += len(nets) * (len(combos) + 1)
         with torch.inference_mode(), devices.autocast(self._device):
             for net in nets:
                 pred = net(x).float()

@@ -372,8 +372,8 @@ async def _decode_stream(request: Request, dec: StreamDecoder, state: AppState) 
             msg = await asyncio.wait_for(receive(), timeout=timeout)
         except asyncio.TimeoutError:
             msg = None
-        if msg is None:
-            if remaining <= 0:
+        if msg is None:  # the wait ended at the idle timeout or at the overall deadline, whichever came first
+            if time.monotonic() - t0 >= cfg.upload_deadline_s:
                 raise ApiError(408, "upload_too_slow", f"the upload took longer than {cfg.upload_deadline_s:.0f} s; "
                                                        "it was dropped")
             raise ApiError(408, "upload_stalled", f"no upload data for {cfg.upload_idle_timeout_s:.0f} s; the "

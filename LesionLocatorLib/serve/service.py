@@ -53,6 +53,17 @@ class Job:
             raise Abandoned("the request's deadline passed")
 
 
+class _CheckAsEvent:
+    """A cancel event for the tracker whose ``is_set`` runs the request's checks (which raise to stop it)."""
+
+    def __init__(self, check: Callable[[], None]) -> None:
+        self._check = check
+
+    def is_set(self) -> bool:
+        self._check()
+        return False
+
+
 class ModelWorker:
     """One persistent thread that runs model jobs (CUDA state is per thread), fairly across owners.
 
@@ -298,6 +309,24 @@ class ModelService:
                            f"{cfg.max_mask_voxels} per request: send them in several requests",
                            {"estimated": mask_voxels, "limit": cfg.max_mask_voxels})
 
+    def _between_lesions(self, check: Optional[Callable[[], None]]) -> Callable[[], None]:
+        """What runs between two lesions of a request: the client's presence and deadline (``check``), and the
+        network passes actually run against ``max_work``. The estimate cannot know how far growth will carry a
+        lesion, so a request may overrun the cap by at most one lesion's growth before it is stopped."""
+        start = self.model.network_passes
+
+        def between() -> None:
+            if check is not None:
+                check()  # the client left or the deadline passed: stop, record nothing
+            ran = self.model.network_passes - start
+            if ran > self.cfg.max_work:
+                raise ApiError(413, "too_much_work",
+                               f"this request ran {ran} network passes (growth carried its lesions past their "
+                               f"patches) and this server accepts at most {self.cfg.max_work} per request: send "
+                               f"fewer lesions per request, or fewer folds / no TTA", {"ran": ran,
+                                                                                       "limit": self.cfg.max_work})
+        return between
+
     def session_for(self, key: Tuple[str, str], volume: Volume) -> Any:
         """The SegmentSession of one client image (set_image once; kept for the most recent images)."""
         s = self._sessions.get(key)
@@ -339,9 +368,9 @@ class ModelService:
         session = self.session_for(key, volume)
         session.tta, session.folds, session.grow = tta, folds, grow
         out = SegmentationResult(volume)
+        between = self._between_lesions(check)
         for lid, entry in prompts.items():
-            if check is not None:
-                check()  # the client left or the deadline passed: stop between lesions, record nothing
+            between()
             res = session.segment(parse_prompts({lid: entry}, volume, arrays), return_probabilities=probabilities)
             out.lesions.update(res.lesions)
         out.lesions = dict(sorted(out.lesions.items()))
@@ -368,11 +397,12 @@ class ModelService:
         n_lesions = len(parsed)
         self.check_work(n_lesions * (1 + len(followups)) * self.passes(folds, tta), sum(
             int(np.count_nonzero(p.mask)) for items in parsed.values() for p in items if hasattr(p, "mask")), n_lesions)
-        if check is not None:
-            check()
+        between = self._between_lesions(check)
+        between()
         tracker = self.model.tracker(propagation=propagation, refine=refine, tta=tta, folds=folds)
         try:
             tracker.set_images(baseline, followups)
-            return tracker.track(parsed, from_baseline=from_baseline)
+            # the tracker checks its cancel event between lesions and follow-ups
+            return tracker.track(parsed, from_baseline=from_baseline, cancel=_CheckAsEvent(between))
         finally:
             tracker.close()  # its images and cached preprocessing go now, not with the next request

@@ -335,6 +335,32 @@ def test_trickled_upload_dropped_and_sigterm_bounded(checkpoint, tmp_path):
         s.stop()
 
 
+def test_connection_limit(checkpoint, tmp_path):
+    """``--limit-concurrency``: with that many connections open, the next request gets uvicorn's 503 at once;
+    once they close, requests are served again."""
+    s = ServerProcess(tmp_path, checkpoint, ["--no-warmup", "--limit-concurrency", "3"])
+    socks = []
+    try:
+        c = Client(s.url, "client-key-conn")
+        assert c.req("GET", "/v1/health").status_code == 200
+        c.http.close()
+        socks = [socket.create_connection(("127.0.0.1", s.port), timeout=10) for _ in range(3)]
+        time.sleep(0.5)
+        r = requests.get(f"{s.url}/v1/health", headers={"Authorization": f"Bearer {TOKEN}"}, timeout=10)
+        assert r.status_code == 503, r.text
+        for k in socks:
+            k.close()
+        deadline = time.monotonic() + 10
+        while requests.get(f"{s.url}/v1/health", headers={"Authorization": f"Bearer {TOKEN}"},
+                           timeout=10).status_code != 200:
+            assert time.monotonic() < deadline, "still refused after the connections closed"
+            time.sleep(0.2)
+    finally:
+        for k in socks:
+            k.close()
+        s.stop()
+
+
 # ----------------------------------------------------------------------------------------
 # 10: low-entropy tokens; limits advertised in /version
 def test_low_entropy_tokens_refused():

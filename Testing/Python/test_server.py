@@ -862,6 +862,32 @@ def test_bad_track_requests(srv):
     assert raw(srv, "GET", f"/v1/sessions/{sid}", TOKEN_A, "tracker-client-key").json()["requests"] == 0
 
 
+def test_upload_deadline_in_all(checkpoint):
+    """An upload that never stalls and whose rate check is off still ends at the overall deadline (408), and its
+    slot is free at once for the next upload."""
+    s = start(checkpoint, upload_deadline_s=1.0, upload_idle_timeout_s=5.0, upload_min_rate_kbps=0.001,
+              warmup=False)
+    key = {"X-LesionLocator-Client": "deadline-client-key"}
+    try:
+        sid = requests.post(f"{s.url}/v1/sessions", headers=key, timeout=10).json()["session_id"]
+        data = encode_volume(ct(seed=51))
+
+        def body():  # bounded: 12 pieces 0.25 s apart (3 s), each well inside the idle timeout
+            step = len(data) // 12 + 1
+            for i in range(0, len(data), step):
+                yield data[i:i + step]
+                time.sleep(0.25)
+
+        t0 = time.perf_counter()
+        r = requests.put(f"{s.url}/v1/sessions/{sid}/image", data=body(), headers=key, timeout=10)
+        assert r.status_code == 408 and r.json()["error"] == "upload_too_slow", r.text
+        assert "longer than 1 s" in r.json()["message"]
+        assert time.perf_counter() - t0 < 8
+        assert requests.put(f"{s.url}/v1/sessions/{sid}/image", data=data, headers=key, timeout=10).status_code == 200
+    finally:
+        s.stop()
+
+
 def test_stalled_upload_is_dropped(checkpoint):
     """A client that stops sending mid-upload gets a 408 and frees its upload slot."""
     s = start(checkpoint, upload_idle_timeout_s=0.5, warmup=False)
