@@ -188,7 +188,8 @@ def random_crop(image: Volume, size_mm: Sequence[float], rng: np.random.Generato
 
 def pasted_cases(backgrounds: Sequence[tuple[str, str | None]], n: int, config, cache_dir, seed: int = 0,
                  dataset: str = "paste", crop_mm: Sequence[float] = (200.0, 260.0, 260.0),
-                 lesions_per_case: tuple[int, int] = (3, 6)) -> list:
+                 lesions_per_case: tuple[int, int] = (3, 6),
+                 diameter_mm: tuple[float, float] = (6.0, 80.0)) -> list:
     """``n`` training cases (``train.data.Case``): background ``i % len(backgrounds)`` (an image path and an
     optional instance-label path whose lesions are kept), a random crop of at most ``crop_mm``, 3-6 pasted
     lesions; preprocessed as at inference and cached (a case is pasted once per seed)."""
@@ -208,6 +209,8 @@ def pasted_cases(backgrounds: Sequence[tuple[str, str | None]], n: int, config, 
         b = i % len(backgrounds)
         img_p, lab_p = backgrounds[b]
         key = f"paste:v1:{Path(img_p).name}:{lab_p and Path(lab_p).name}:{seed}:{i}:{tuple(crop_mm)}"
+        if tuple(diameter_mm) != (6.0, 80.0):  # the default keeps the keys (and caches) of earlier runs
+            key += f":{tuple(float(v) for v in diameter_mm)}"
         stem = f"{dataset}__paste_{i:04d}"
         meta = d / f"{stem}.json"
         if meta.is_file() and json.loads(meta.read_text(encoding="utf-8")).get("source_key") == key:
@@ -219,6 +222,6 @@ def pasted_cases(backgrounds: Sequence[tuple[str, str | None]], n: int, config, 
         rng = np.random.default_rng(np.random.SeedSequence([int(seed), i, 31337]))
         sub, sub_lab = random_crop(image, crop_mm, rng, labels)
         k = int(rng.integers(lesions_per_case[0], lesions_per_case[1] + 1))
-        img, lab, _ = paste_lesions(sub, k, seed=int(rng.integers(2 ** 31)), labels=sub_lab)
+        img, lab, _ = paste_lesions(sub, k, seed=int(rng.integers(2 ** 31)), labels=sub_lab, diameter_mm=diameter_mm)
         out.append(D.cache_case(f"paste_{i:04d}", dataset, img, lab, config, cache_dir, key))
     return out

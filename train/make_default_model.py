@@ -43,25 +43,37 @@ PACKAGE_DIR = Path(__file__).resolve().parents[1] / "LesionLocatorLib" / "defaul
 TRAIN_DATASETS = ("deeplesion",)  # real cases used for training
 EVAL_DATASETS = ("sts",)  # real cases held out for evaluation
 
-# The default model's plans: coarse spacing and a small patch so one click costs well under a second on a CPU.
-PATCH = (32, 48, 48)
-SPACING = (2.5, 1.5, 1.5)
+# The default model's plans: a 96 x 160 x 160 mm field of view (so lesions up to ~15 cm fit in-plane) on a
+# coarse grid, so one click costs about half a second on a CPU.
+PATCH = (32, 80, 80)
+SPACING = (3.0, 2.0, 2.0)
 FEATURES = (8, 16, 32, 64, 64)
 BLOCKS = (1, 1, 2, 2, 2)
-# Training data: lesions pasted into the real CTs of <data> (train/lesion_paste.py; 6-80 mm, so lesions of
-# every size appear at their true scale), phantoms, and the real DeepLesion lesions.
+# Two phases, the second initialised with every weight of the first (the network does not depend on the patch):
+# phase 1 learns lesions on a fine grid with a small patch (cheap iterations); phase 2 moves to the final grid
+# and field of view with lesions up to 15 cm, which phase 1 never saw filling its patch.
+PHASE1_PATCH = (32, 48, 48)
+PHASE1_SPACING = (2.5, 1.5, 1.5)
+PHASE1_DIAMETER_MM = (6.0, 80.0)
+PHASE1_CROP_MM = (200.0, 260.0, 260.0)
+PHASE1_EPOCHS = 85
+DIAMETER_MM = (6.0, 150.0)
+CROP_MM = (240.0, 330.0, 330.0)
+# Training data: lesions pasted into the real CTs of <data> (train/lesion_paste.py, log-uniform diameters, so
+# lesions of every size appear at their true scale), phantoms, and the real DeepLesion lesions.
 N_PASTED = 48
 PASTE_BACKGROUNDS = ("lidc0314/LIDC-IDRI-0314_ct.nii.gz", "totalseg_example/example_ct.nii.gz")
 WEIGHTS = {"paste": 0.7, "phantom": 0.15, "deeplesion": 0.15}
 # Zoom augmentation (reading patch x s voxels; s < 1 magnifies) around the true scale.
 SCALE_RANGE = (0.75, 1.3)
-MIN_LESION_VOXELS = 20  # ~6 mm lesions and up on the model grid
+MIN_LESION_VOXELS = 20  # ~6 mm lesions and up on the phase-1 grid
 LR = 1e-2
+PHASE2_LR = 5e-3  # fine-tuning from phase 1
 AUGMENT_PROB = 0.2
 
 
-def default_plans() -> dict:
-    return make_plans(PATCH, SPACING, FEATURES, BLOCKS, "torch", dataset_name="LesionLocatorSegDefaultSmall")
+def default_plans(patch: Sequence[int] = PATCH, spacing: Sequence[float] = SPACING) -> dict:
+    return make_plans(patch, spacing, FEATURES, BLOCKS, "torch", dataset_name="LesionLocatorSegDefaultSmall")
 
 
 def _dataset_of(case_id: str, image: str) -> str:
@@ -95,7 +107,8 @@ def paste_backgrounds(data_root: Path) -> list[tuple[Path, Path | None]]:
     return out
 
 
-def training_cases(work: Path, data_root: Path, config, phantoms: int, pasted: int, seed: int
+def training_cases(work: Path, data_root: Path, config, phantoms: int, pasted: int, seed: int,
+                   diameter_mm: tuple[float, float] = DIAMETER_MM, crop_mm: Sequence[float] = CROP_MM
                    ) -> tuple[list[D.Case], list[D.Case]]:
     """(training cases, validation cases): pasted lesions, phantoms and the real DeepLesion lesions; the
     validation cases are pasted and phantom cases from other seeds."""
@@ -106,32 +119,49 @@ def training_cases(work: Path, data_root: Path, config, phantoms: int, pasted: i
     backgrounds = paste_backgrounds(data_root)
     train_cases = D.load_case_files(reals, config, cache)
     train_cases += D.phantom_cases(phantoms, config, cache, seed=seed)
+    paste_kw = {"crop_mm": crop_mm, "diameter_mm": diameter_mm}
     if pasted and backgrounds:
-        train_cases += pasted_cases(backgrounds, pasted, config, cache, seed=seed)
+        train_cases += pasted_cases(backgrounds, pasted, config, cache, seed=seed, **paste_kw)
     val_cases = D.phantom_cases(2, config, cache, seed=seed + 100003, dataset="phantom_val")
     if backgrounds:
-        val_cases += pasted_cases(backgrounds, 4, config, cache, seed=seed + 100003, dataset="paste_val")
+        val_cases += pasted_cases(backgrounds, 4, config, cache, seed=seed + 100003, dataset="paste_val", **paste_kw)
     return train_cases, val_cases
 
 
-def train(work: Path, data_root: Path, epochs: int, iters: int, phantoms: int, seed: int, batch_size: int,
-          resume: bool, pasted: int = N_PASTED) -> Path:
-    plans = default_plans()
+def _train_phase(folder: Path, plans: dict, data_root: Path, epochs: int, iters: int, phantoms: int, seed: int,
+                 batch_size: int, resume: bool, pasted: int, lr: float, diameter_mm: tuple[float, float],
+                 crop_mm: Sequence[float], init: Path | None) -> Path:
     config = config_from_dicts(plans, make_dataset_json())
-    train_cases, val_cases = training_cases(work, data_root, config, phantoms, pasted, seed)
+    train_cases, val_cases = training_cases(folder.parent, data_root, config, phantoms, pasted, seed, diameter_mm,
+                                            crop_mm)
     present = {c.dataset for c in train_cases}
     weights = {k: v for k, v in WEIGHTS.items() if k in present}
-    cfg = SegmentConfig(output=work / "model", plans=plans, prompt="mixed", epochs=epochs, iters_per_epoch=iters,
-                        val_samples=16, batch_size=batch_size, lr=LR, seed=seed, device="cpu", max_offset=0.15,
+    cfg = SegmentConfig(output=folder, plans=plans, prompt="mixed", epochs=epochs, iters_per_epoch=iters,
+                        val_samples=16, batch_size=batch_size, lr=lr, seed=seed, device="cpu", max_offset=0.15,
                         scale_range=SCALE_RANGE, augment_prob=AUGMENT_PROB, weighting=weights,
-                        min_lesion_voxels=MIN_LESION_VOXELS, fp16_weights=True)
+                        min_lesion_voxels=MIN_LESION_VOXELS, fp16_weights=True,
+                        init=None if init is None else str(init), init_whole=True)
     trainer = SegmentTrainer(cfg, train_cases, val_cases)
-    print(f"{len(train_cases)} training cases, {trainer.sampler.n_lesions} lesions; weights {weights}", flush=True)
+    print(f"{folder.name}: {len(train_cases)} training cases, {trainer.sampler.n_lesions} lesions; weights {weights}",
+          flush=True)
     if resume and trainer.try_resume():
         print(f"resumed at epoch {trainer.start_epoch}", flush=True)
     final = trainer.run()
     assert final is not None
     return final
+
+
+def train(work: Path, data_root: Path, epochs: int, iters: int, phantoms: int, seed: int, batch_size: int,
+          resume: bool, pasted: int = N_PASTED, phase1_epochs: int = PHASE1_EPOCHS) -> Path:
+    """Phase 1 into ``work/phase1`` (skipped when its ``fold_0/checkpoint_final.pth`` exists), then phase 2
+    into ``work/model`` initialised with every phase-1 weight."""
+    phase1 = work / "phase1"
+    if not (phase1 / "fold_0" / "checkpoint_final.pth").is_file():
+        _train_phase(phase1, default_plans(PHASE1_PATCH, PHASE1_SPACING), data_root, phase1_epochs, iters, phantoms,
+                     seed, batch_size, resume, pasted, LR, PHASE1_DIAMETER_MM, PHASE1_CROP_MM, None)
+    init = None if (resume and (work / "model" / "fold_0" / "checkpoint_latest.pth").is_file()) else phase1
+    return _train_phase(work / "model", default_plans(), data_root, epochs, iters, phantoms, seed, batch_size, resume,
+                        pasted, PHASE2_LR, DIAMETER_MM, CROP_MM, init)
 
 
 def export(work: Path, output: Path) -> list[Path]:
@@ -215,11 +245,13 @@ def evaluate(package: Path, data_root: Path, seed: int = 0, n_random_points: int
                 t0 = time.perf_counter()
                 res = seg.segment(**kw)
                 dt = time.perf_counter() - t0
+                dbg = seg.last_debug.get(1)
                 pred = res.lesions[1].full(img.shape).astype(bool)
                 pred_tta = seg_tta.segment(**kw).lesions[1].full(img.shape).astype(bool)
                 base = region_grow(img, seed_zyx=pr.get("point"), box=pr.get("box"))
                 rec = {"group": group, "case": name, "lesion": lid, "prompt": pname,
-                       "gt_voxels": int(gt.sum()), "seconds": round(dt, 3),
+                       "gt_voxels": int(gt.sum()), "gt_ml": round(float(gt.sum() * np.prod(img.spacing)) / 1000, 2),
+                       "seconds": round(dt, 3), "grown": bool(dbg and dbg.grown), "tiles": dbg.tiles if dbg else 0,
                        "model": _score(pred, gt, img.spacing), "model_tta": _score(pred_tta, gt, img.spacing),
                        "baseline": _score(base, gt, img.spacing)}
                 records.append(rec)
@@ -236,7 +268,41 @@ def evaluate(package: Path, data_root: Path, seed: int = 0, n_random_points: int
                    for who in ("model", "model_tta", "baseline") for m in ("dice", "nsd2mm")},
                 "seconds_per_prompt": float(np.mean([r["seconds"] for r in rs])),
             }
-    return {"summary": summary, "records": records, "torch_threads": torch.get_num_threads()}
+    return {"summary": summary, "per_lesion": per_lesion(records), "by_size": by_size(records),
+            "records": records, "torch_threads": torch.get_num_threads()}
+
+
+SIZE_BINS_ML = ((0.0, 5.0), (5.0, 30.0), (30.0, 100.0), (100.0, float("inf")))
+
+
+def _means(rs: Sequence[dict], kind: str) -> dict[str, float]:
+    rs = [r for r in rs if r["prompt"].startswith(kind)]
+    return {f"{kind}_{who}_dice": round(float(np.mean([r[who]["dice"] for r in rs])), 3)
+            for who in ("model", "baseline")} if rs else {}
+
+
+def per_lesion(records: Sequence[dict]) -> list[dict]:
+    """One row per lesion: its volume, mean point / box Dice of the model and the baseline, growth."""
+    rows = []
+    for key in sorted({(r["group"], r["case"], r["lesion"]) for r in records}):
+        rs = [r for r in records if (r["group"], r["case"], r["lesion"]) == key]
+        rows.append({"group": key[0], "case": key[1], "lesion": key[2], "gt_ml": rs[0]["gt_ml"],
+                     **_means(rs, "point"), **_means(rs, "box"),
+                     "grown_prompts": sum(r["grown"] for r in rs), "max_tiles": max(r["tiles"] for r in rs)})
+    return rows
+
+
+def by_size(records: Sequence[dict]) -> list[dict]:
+    """Mean Dice per (group, lesion-volume bin) over every prompt of that bin."""
+    rows = []
+    for group in sorted({r["group"] for r in records}):
+        for lo, hi in SIZE_BINS_ML:
+            rs = [r for r in records if r["group"] == group and lo <= r["gt_ml"] < hi]
+            if rs:
+                rows.append({"group": group, "ml": f"{lo:g}-{hi:g}", "n_lesions": len({(r["case"], r["lesion"])
+                                                                                       for r in rs}),
+                             **_means(rs, "point"), **_means(rs, "box")})
+    return rows
 
 
 def evaluate_tracking(package: Path, data_root: Path, seed: int = 0, n_phantoms: int = 2) -> dict[str, Any]:
@@ -297,7 +363,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="folder with cases.json (real CTs)")
     parser.add_argument("--output", type=Path, default=PACKAGE_DIR, help="package folder to write")
     parser.add_argument("--stage", choices=("all", "train", "export", "evaluate"), default="all")
-    parser.add_argument("--epochs", type=int, default=85)
+    parser.add_argument("--epochs", type=int, default=40, help="phase-2 epochs")
+    parser.add_argument("--phase1-epochs", type=int, default=PHASE1_EPOCHS)
     parser.add_argument("--iters", type=int, default=50)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--phantoms", type=int, default=20)
@@ -316,7 +383,7 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.time()
     if args.stage in ("all", "train"):
         train(args.work, args.data, args.epochs, args.iters, args.phantoms, args.seed, args.batch_size, args.resume,
-              args.pasted)
+              args.pasted, args.phase1_epochs)
         print(f"training took {time.time() - t0:.0f} s", flush=True)
     if args.stage in ("all", "export"):
         args.output.mkdir(parents=True, exist_ok=True)

@@ -151,6 +151,7 @@ class SegmentConfig:
     weight_decay: float = 3e-5
     seed: int = 0
     init: str | None = None
+    init_whole: bool = False  # init loads every weight (same plans' network: a fine-tuning phase), not the body only
     device: str = "auto"
     max_offset: float = 0.15
     scale_range: tuple[float, float] = (1.0, 1.0)
@@ -313,7 +314,7 @@ class SegmentTrainer(BaseTrainer):
         self.sampler = D.CaseSampler(train_cases, cfg.weighting, min_lesion_voxels=cfg.min_lesion_voxels)
         self.val_samples = self._fixed_val_samples(val_cases)
         if cfg.init:
-            info_init = init_from_pretrained(self.model, cfg.init)
+            info_init = init_from_pretrained(self.model, cfg.init, () if cfg.init_whole else REINIT_PREFIXES)
             if self.info.is_main:
                 print(f"initialised from {cfg.init}: {info_init}", flush=True)
 

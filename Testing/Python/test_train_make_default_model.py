@@ -107,5 +107,46 @@ def test_evaluate_scores_model_tta_and_baseline_on_the_same_prompts(tmp_path):
     assert all(set(r) >= {"model", "model_tta", "baseline"} for r in recs)
     summ = out["summary"]
     assert set(summ) == {"phantom_heldout/point", "phantom_heldout/box"}
+    # one row per lesion (its volume, mean point / box Dice of model and baseline), and rows by volume bin
+    rows = out["per_lesion"]
+    assert {(r["case"], r["lesion"]) for r in rows} == {(r["case"], r["lesion"]) for r in recs}
+    for row in rows:
+        mine = [r for r in recs if (r["case"], r["lesion"]) == (row["case"], row["lesion"])]
+        assert row["box_model_dice"] == round(next(r["model"]["dice"] for r in mine if r["prompt"] == "box"), 3)
+        assert row["gt_ml"] > 0
+    assert sum(b["n_lesions"] for b in out["by_size"]) == len(rows)
     for v in summ.values():
         assert all(0.0 <= v[f"{w}_dice"] <= 1.0 for w in ("model", "model_tta", "baseline"))
+
+
+def test_two_phase_training_fine_tunes_phase_one(tmp_path, monkeypatch):
+    """Phase 1 (small patch, fine grid) then phase 2 (the final plans) initialised with every phase-1 weight;
+    an existing phase-1 checkpoint is reused, not retrained."""
+    monkeypatch.setattr(M, "PHASE1_PATCH", (16, 32, 32))
+    monkeypatch.setattr(M, "PATCH", (16, 48, 48))
+    monkeypatch.setattr(M, "default_plans", lambda patch=None, spacing=M.SPACING: M.make_plans(
+        patch or M.PATCH, spacing, (4, 8, 8), (1, 1, 1), "torch"))
+    torch.set_num_threads(1)
+    work = tmp_path / "work"
+    M.train(work, tmp_path / "no_data", epochs=1, iters=1, phantoms=2, seed=0, batch_size=1, resume=False, pasted=0,
+            phase1_epochs=1)
+    p1 = torch.load(work / "phase1" / "fold_0" / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    p2 = torch.load(work / "model" / "fold_0" / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    plans1 = json.loads((work / "phase1" / "plans.json").read_text())
+    plans2 = json.loads((work / "model" / "plans.json").read_text())
+    assert plans1["configurations"]["3d_fullres"]["patch_size"] == [16, 32, 32]
+    assert plans2["configurations"]["3d_fullres"]["patch_size"] == [16, 48, 48]
+    assert plans2["configurations"]["3d_fullres"]["spacing"] == list(M.SPACING)
+
+    def flat(ck):
+        return torch.cat([v.float().flatten() for k, v in sorted(ck["network_weights"].items())
+                          if v.is_floating_point()])
+
+    fresh = build_network(config_from_dicts(plans2, make_dataset_json()), 2, deep_supervision=True)
+    fresh_flat = torch.cat([v.float().flatten() for k, v in sorted(fresh.state_dict().items())
+                            if v.is_floating_point()])
+    a, b = flat(p1), flat(p2)
+    assert (b - a).norm() < 0.2 * (fresh_flat - a).norm()  # one small step away from phase 1, not a new start
+    before = (work / "phase1" / "fold_0" / "checkpoint_final.pth").stat().st_mtime_ns
+    M.train(work, tmp_path / "no_data", epochs=1, iters=1, phantoms=2, seed=0, batch_size=1, resume=False, pasted=0)
+    assert (work / "phase1" / "fold_0" / "checkpoint_final.pth").stat().st_mtime_ns == before
