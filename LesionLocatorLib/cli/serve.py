@@ -52,12 +52,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-work", type=int, default=256,
                         help="work one request may ask for, in tile passes = sliding-window tiles over each "
                              "lesion's prompt x folds x TTA mirrors (default 256; more get 413 too_much_work); "
-                             "passes run by growth count too: a request past it stops before its next lesion")
+                             "passes run by growth count too: a request past it stops before its next tile")
     parser.add_argument("--max-mask-voxels", type=int, default=2**27,
                         help="foreground voxels of all mask prompts of one request (default 134217728; more: 413)")
     parser.add_argument("--request-deadline", type=float, default=300.0,
-                        help="seconds a model request may wait and run before it is dropped between lesions "
-                             "(default 300)")
+                        help="seconds a model request may wait and run before it is dropped (checked before "
+                             "every tile) (default 300)")
     parser.add_argument("--upload-slots", type=int, default=2,
                         help="uploads decoded at once, at most one per client (default 2)")
     parser.add_argument("--upload-slot-timeout", type=float, default=10.0,

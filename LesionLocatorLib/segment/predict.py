@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from ..core.geometry import Volume
+from ..core.jobs import check_cancel
 from ..core.prompts import EncodedPrompt
 from ..core.results import LesionMask
 from ..model.engine import Folds, LesionLocatorModel
@@ -68,7 +69,7 @@ class PreparedImage:
 def predict_lesion(prepared: PreparedImage, lid: int, kind: str, enc: EncodedPrompt, tiles: Optional[Tiles] = None,
                    return_probabilities: bool = False, center: Optional[Sequence[float]] = None,
                    tta: Optional[bool] = None, folds: Folds = None, grow: Optional[bool] = None,
-                   limits: Optional[GrowthLimits] = None) -> Tuple[LesionMask, LesionDebug]:
+                   limits: Optional[GrowthLimits] = None, cancel: Any = None) -> Tuple[LesionMask, LesionDebug]:
     """Run the ``kind`` model on an encoded prompt (default tiles: the published placement) and export the
     result to the image's grid.
 
@@ -76,6 +77,8 @@ def predict_lesion(prepared: PreparedImage, lid: int, kind: str, enc: EncodedPro
     that is not the image border, add sliding-window tiles until it does not or ``limits`` stop it
     (segment/growth.py). False reproduces the published single-patch behaviour exactly; with True and no
     growth needed the result is the same bit for bit.
+    cancel: a ``threading.Event`` (or anything with ``is_set``) checked before every tile, so a big box or a
+    long growth stops within one forward pass (``core.jobs.Cancelled``).
     """
     t0 = time.perf_counter()
     model = prepared.model
@@ -88,7 +91,7 @@ def predict_lesion(prepared: PreparedImage, lid: int, kind: str, enc: EncodedPro
     grow = bool(getattr(model, "grow", True)) if grow is None else bool(grow)
     center_t = None if center is None else tuple(float(v) for v in center)
     logits, values_box, outcome = _predict_region(prepared, kind, enc, tiles, tta, folds, grow,
-                                                  limits or DEFAULT_LIMITS)
+                                                  limits or DEFAULT_LIMITS, cancel)
     debug = LesionDebug(enc.sparse, enc.voxels(), [lo, hi], list(grid.padded_shape),
                         [[list(ax) for ax in t] for t in outcome.tiles], grown=outcome.grown,
                         tiles=len(outcome.tiles), growth_stop=outcome.stop)
@@ -144,14 +147,16 @@ def _to_resampled(box_p: Spans, pad: Sequence[int]) -> Spans:
 
 
 def _run_tiles(model: LesionLocatorModel, kind: str, x_region: torch.Tensor, region_p: Spans, tiles: Tiles,
-               canvas: Canvas, gauss: torch.Tensor, tta: Optional[bool], folds: Folds) -> None:
+               canvas: Canvas, gauss: torch.Tensor, tta: Optional[bool], folds: Folds, cancel: Any) -> None:
     for t in tiles:
+        check_cancel(cancel)
         sl = tuple(slice(a - ra, b - ra) for (a, b), (ra, _) in zip(t, region_p))
         canvas.add(t, model.forward(kind, x_region[(slice(None),) + sl], tta=tta, folds=folds), gauss)
 
 
 def _predict_region(prepared: PreparedImage, kind: str, enc: EncodedPrompt, tiles: Tiles, tta: Optional[bool],
-                    folds: Folds, grow: bool, limits: GrowthLimits) -> Tuple[torch.Tensor, Spans, GrowthOutcome]:
+                    folds: Folds, grow: bool, limits: GrowthLimits, cancel: Any = None
+                    ) -> Tuple[torch.Tensor, Spans, GrowthOutcome]:
     """Logits (float32 tensor on the model's device) on the predicted part of the resampled grid, that
     part's box, and what growth did."""
     model = prepared.model
@@ -164,13 +169,14 @@ def _predict_region(prepared: PreparedImage, kind: str, enc: EncodedPrompt, tile
     canvas: Optional[Canvas] = None
     with torch.inference_mode():
         if len(tiles) == 1:  # published: the patch's logits as they are, no weighting
+            check_cancel(cancel)
             logits = model.forward(kind, x_region, tta=tta, folds=folds)
         else:  # published sliding window: Gaussian-weighted mean over the tiles
             canvas = Canvas(region_p, cfg.num_classes, model.device)
-            _run_tiles(model, kind, x_region, region_p, tiles, canvas, gauss, tta, folds)
+            _run_tiles(model, kind, x_region, region_p, tiles, canvas, gauss, tta, folds, cancel)
             logits = canvas.logits()
         if grow:
-            grown = _grow(prepared, kind, enc, tiles, logits, canvas, gauss, tta, folds, limits, outcome)
+            grown = _grow(prepared, kind, enc, tiles, logits, canvas, gauss, tta, folds, limits, outcome, cancel)
             if grown is not None:
                 logits, region_p = grown.logits(), grown.box
                 values_box = tuple((max(a - p, 0), min(b - p, n)) for (a, b), p, n
@@ -182,7 +188,7 @@ def _predict_region(prepared: PreparedImage, kind: str, enc: EncodedPrompt, tile
 
 def _grow(prepared: PreparedImage, kind: str, enc: EncodedPrompt, tiles: Tiles, logits: torch.Tensor,
           canvas: Optional[Canvas], gauss: torch.Tensor, tta: Optional[bool], folds: Folds, limits: GrowthLimits,
-          outcome: GrowthOutcome) -> Optional[Canvas]:
+          outcome: GrowthOutcome, cancel: Any = None) -> Optional[Canvas]:
     """Continue the prediction while the lesion touches an open face (see segment/growth.py). Returns the
     grown canvas, or None when the published tiles already hold the whole lesion (or no tile may be added)."""
     model = prepared.model
@@ -220,7 +226,7 @@ def _grow(prepared: PreparedImage, kind: str, enc: EncodedPrompt, tiles: Tiles, 
         u = union_box(new)
         canvas.expand(u)  # once per round, not per tile
         x_new, _ = _region_input(prepared, kind, enc, u)
-        _run_tiles(model, kind, x_new, u, new, canvas, gauss, tta, folds)
+        _run_tiles(model, kind, x_new, u, new, canvas, gauss, tta, folds, cancel)
         done.update(new)
         outcome.tiles += new
         outcome.rounds += 1

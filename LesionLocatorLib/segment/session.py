@@ -87,18 +87,20 @@ class SegmentSession:
             check_cancel(cancel)
             if progress:
                 progress(i / n, f"lesion {lid} ({i + 1}/{n})")
-            result.lesions[lid] = self._segment_lesion(lid, items, return_probabilities)
+            result.lesions[lid] = self._segment_lesion(lid, items, return_probabilities, cancel)
         if progress:
             progress(1.0, "done")
         return result
 
-    def _segment_lesion(self, lid: int, items: List[Prompt], return_probabilities: bool) -> LesionMask:
+    def _segment_lesion(self, lid: int, items: List[Prompt], return_probabilities: bool,
+                        cancel: Optional[threading.Event] = None) -> LesionMask:
         parts = []
         for prompt in effective(items):
             kind = self.kind_for(prompt)
             enc = encode_prompt(prompt, self.prepared.grid(kind), kind)
             les, self.last_debug[lid] = predict_lesion(self.prepared, lid, kind, enc, None, return_probabilities,
-                                                       prompt_center(prompt), self.tta, self.folds, self.grow)
+                                                       prompt_center(prompt), self.tta, self.folds, self.grow,
+                                                       cancel=cancel)
             parts.append(les)
         return unite(parts)
 

@@ -37,7 +37,7 @@ class ServerConfig:
     # bounded work per request (tiles x lesions x folds x TTA mirrors) and decoded mask-prompt voxels
     max_work: int = 256
     max_mask_voxels: int = 2**27
-    request_deadline_s: float = 300.0  # a model job still queued or between lesions after this is dropped
+    request_deadline_s: float = 300.0  # a job still queued or running after this is dropped (checked before each tile)
     # uploads: decoded at once in total, waiting time for a slot, overall deadline and minimum average rate
     upload_slots: int = 2
     upload_slot_timeout_s: float = 10.0

@@ -45,7 +45,7 @@ class Job:
 
     def check(self) -> None:
         """Raises :class:`Abandoned` when the client is gone or the deadline passed (checked before the job
-        starts and between lesions)."""
+        starts, between lesions and before every tile)."""
         if self.cancel.is_set():
             raise Abandoned("the client disconnected")
         if self.deadline is not None and time.monotonic() > self.deadline:
@@ -54,7 +54,7 @@ class Job:
 
 
 class _CheckAsEvent:
-    """A cancel event for the tracker whose ``is_set`` runs the request's checks (which raise to stop it)."""
+    """A cancel event for sessions and the tracker whose ``is_set`` runs the request's checks (they raise)."""
 
     def __init__(self, check: Callable[[], None]) -> None:
         self._check = check
@@ -153,7 +153,7 @@ class ModelWorker:
     async def run(self, fn: Callable[..., Any], *args: Any, owner: str = "", deadline: Optional[float] = None,
                   disconnected: Optional[Callable[[], Awaitable[bool]]] = None) -> Any:
         """Run ``fn`` on the worker; while waiting, poll ``disconnected`` so that a job whose client left is
-        dropped before it starts (or between lesions, through ``Job.check``)."""
+        dropped before it starts (or before its next tile, through ``Job.check``)."""
         job = self.submit(fn, *args, owner=owner, deadline=deadline)
         fut = asyncio.wrap_future(job.future)
         try:
@@ -162,7 +162,7 @@ class ModelWorker:
                 if done:
                     return fut.result()
                 if disconnected is not None and await disconnected():
-                    job.cancel.set()  # not started: never starts; running: stops at the next lesion
+                    job.cancel.set()  # not started: never starts; running: stops before its next tile
                     job.future.cancel()
                     raise ApiError(499, "client_closed_request", "the client disconnected")
         except asyncio.CancelledError:
@@ -310,9 +310,9 @@ class ModelService:
                            {"estimated": mask_voxels, "limit": cfg.max_mask_voxels})
 
     def _between_lesions(self, check: Optional[Callable[[], None]]) -> Callable[[], None]:
-        """What runs between two lesions of a request: the client's presence and deadline (``check``), and the
-        network passes actually run against ``max_work``. The estimate cannot know how far growth will carry a
-        lesion, so a request may overrun the cap by at most one lesion's growth before it is stopped."""
+        """What runs between two lesions, and before every tile, of a request: the client's presence and deadline
+        (``check``), and the network passes actually run against ``max_work``. The estimate cannot know how far
+        growth will carry a lesion, so a request may overrun the cap by one tile's passes before it is stopped."""
         start = self.model.network_passes
 
         def between() -> None:
@@ -371,7 +371,8 @@ class ModelService:
         between = self._between_lesions(check)
         for lid, entry in prompts.items():
             between()
-            res = session.segment(parse_prompts({lid: entry}, volume, arrays), return_probabilities=probabilities)
+            res = session.segment(parse_prompts({lid: entry}, volume, arrays), return_probabilities=probabilities,
+                                  cancel=_CheckAsEvent(between))  # checked before every tile too
             out.lesions.update(res.lesions)
         out.lesions = dict(sorted(out.lesions.items()))
         return out
@@ -402,7 +403,7 @@ class ModelService:
         tracker = self.model.tracker(propagation=propagation, refine=refine, tta=tta, folds=folds)
         try:
             tracker.set_images(baseline, followups)
-            # the tracker checks its cancel event between lesions and follow-ups
+            # the tracker checks its cancel event between lesions and follow-ups, its sessions before every tile
             return tracker.track(parsed, from_baseline=from_baseline, cancel=_CheckAsEvent(between))
         finally:
             tracker.close()  # its images and cached preprocessing go now, not with the next request

@@ -226,7 +226,7 @@ class LesionTracker:
                                     "segmentation model (LesionLocatorSeg); give mask prompts instead")
             session = self._seg_session()
             session.set_image(base)
-            result.lesions[lid] = session.segment({lid: run}).lesions[lid]
+            result.lesions[lid] = session.segment({lid: run}, cancel=cancel).lesions[lid]
         for lid, les in result.lesions.items():
             if les.empty:
                 log.warning("lesion %d: the baseline segmentation is empty; it cannot be tracked", lid)
@@ -310,7 +310,7 @@ class LesionTracker:
             for i, (lid, mask) in enumerate(live.items()):
                 check_cancel(cancel)
                 report(0.2 + 0.8 * i / max(len(live), 1), f"lesion {lid}")
-                found[lid] = self._track_lesion_simple(lid, mask, a, b)
+                found[lid] = self._track_lesion_simple(lid, mask, a, b, cancel)
         for lid, (les, propagated) in found.items():
             result.lesions[lid] = les
             if les.found:
@@ -407,8 +407,8 @@ class LesionTracker:
         return None
 
     # -- registration + (segment | none | unet after classical) ---------------------------------------------
-    def _track_lesion_simple(self, lid: int, mask: np.ndarray, a: int,
-                             b: int) -> Tuple[LesionMask, Optional[np.ndarray]]:
+    def _track_lesion_simple(self, lid: int, mask: np.ndarray, a: int, b: int,
+                             cancel: Optional[threading.Event] = None) -> Tuple[LesionMask, Optional[np.ndarray]]:
         fu = self._images[b]
         if self.propagation == "learned":
             grid_a = self._prepared[a].grid("track")
@@ -433,7 +433,7 @@ class LesionTracker:
         elif self.refine == "segment":
             session = self._seg_session()
             session.set_image(fu)
-            les = session.segment({lid: Mask(warped_orig)}).lesions[lid]
+            les = session.segment({lid: Mask(warped_orig)}, cancel=cancel).lesions[lid]
         else:  # classical propagation + Track UNet: one unflipped pass per fold on the warped mask
             les = self._unet_on_original_mask(lid, warped_orig, b, center)
         if not les.found:

@@ -372,3 +372,30 @@ def test_canvas_blend_and_growth():
     c.add(((0, 4), (4, 8), (0, 4)), torch.ones((2, 4, 4, 4)), g)  # leaves a hole at z 4..6, y 4..8
     assert not c.covered()[4:, 4:].any()
     assert (c.logits()[1, 4:, 4:] == growth.UNCOVERED_LOGITS[1]).all()
+
+
+def test_cancel_stops_growth_between_tiles(ckpt, big_lesion):
+    """A cancel event is checked before every tile: a long growth stops within one forward pass."""
+    from LesionLocatorLib.core.jobs import Cancelled
+
+    image, _ = big_lesion
+    model = threshold_model(ckpt)
+    s = model.session()
+    s.set_image(image)
+
+    class SetAfter:  # an Event that becomes set after n checks
+        def __init__(self, n):
+            self.n, self.calls = n, 0
+
+        def is_set(self):
+            self.calls += 1
+            return self.calls > self.n
+
+    before = model.network_passes
+    s.segment(points={1: CENTRE})
+    full = model.network_passes - before
+    assert full > 6, full  # the click grew over many tiles
+    before = model.network_passes
+    with pytest.raises(Cancelled):
+        s.segment(points={1: CENTRE}, cancel=SetAfter(4))
+    assert model.network_passes - before == 3  # one check before the lesion, then one per tile

@@ -56,15 +56,15 @@ def test_growth_counts_against_max_work(checkpoint):
     res = free.segment(("s", "h"), image, {"1": CLICK}, [], None, False, True, False)
     grown_passes = free.model.network_passes - before
     assert res.lesions[1].mask.sum() > 0 and grown_passes > 3, grown_passes  # growth added tiles
-    # the estimate (1 tile per click) admits two clicks; growth makes the first overrun a cap of 3 passes,
-    # and the request stops before the second lesion with a 413 that says what ran
+    # the estimate (1 tile per click) admits two clicks; growth makes the first overrun a cap of 3 passes:
+    # the request stops before its next tile with a 413 that says what ran
     capped = service(checkpoint, max_work=3)
     before = capped.model.network_passes
     with pytest.raises(ApiError) as e:
         capped.segment(("s", "h"), image, {"1": CLICK, "2": {"point": [20, 20, 30]}}, [], None, False, True, False)
     assert e.value.status == 413 and e.value.code == "too_much_work"
-    assert e.value.detail == {"ran": grown_passes, "limit": 3}
-    assert capped.model.network_passes - before == grown_passes  # lesion 2 never ran
+    assert e.value.detail == {"ran": 4, "limit": 3}
+    assert capped.model.network_passes - before == 4  # one tile past the cap, then nothing
     # without growth the same request fits: two single-patch clicks
     res = capped.segment(("s", "h"), image, {"1": CLICK, "2": {"point": [20, 20, 30]}}, [], None, False, False, False)
     assert sorted(res.lesions) == [1, 2]
