@@ -88,13 +88,17 @@ def _block(c: np.ndarray, half: np.ndarray, shape: Sequence[int]) -> tuple[tuple
 
 
 def paste_lesions(image: Volume, n_lesions: int = 4, seed: int = 0, labels: np.ndarray | None = None,
-                  diameter_mm: tuple[float, float] = (6.0, 80.0), lung_fraction: float = 0.2
-                  ) -> tuple[Volume, Volume, list[PastedLesion]]:
+                  diameter_mm: tuple[float, float] = (6.0, 80.0), lung_fraction: float = 0.2,
+                  heterogeneity_hu: float = 0.0) -> tuple[Volume, Volume, list[PastedLesion]]:
     """``image`` (HU) with up to ``n_lesions`` synthetic lesions, their instance labels and what was pasted.
 
     Existing ``labels`` (an instance map on the image grid) are kept and new lesions get the next ids, never
     overlapping a labelled lesion. Diameters are log-uniform in ``diameter_mm``. A lesion that finds no room
     after many tries is skipped (the returned list says what was placed); none placed raises PasteError.
+    ``heterogeneity_hu`` > 0: most lesions over 20 mm also get compartments of different density (a smooth
+    field a quarter to an eighth of the lesion wide, up to that amplitude), as real masses such as sarcomas
+    have; parts may then match their host, so the lesion is told by its shape, not by its HU alone. 0 draws
+    exactly the random numbers of the earlier data.
     """
     rng = np.random.default_rng(np.random.SeedSequence([int(seed), 5150]))
     hu = np.asarray(image.array, dtype=np.float32)
@@ -157,6 +161,9 @@ def paste_lesions(image: Volume, n_lesions: int = 4, seed: int = 0, labels: np.n
         if rng.random() < 0.3:  # enhancing rim
             rim = np.exp(-((field - 0.92) / 0.08) ** 2)
             lesion_hu = lesion_hu + rim * rng.uniform(10.0, 40.0)
+        if heterogeneity_hu > 0 and d > 20 and rng.random() < 0.7:
+            sig = [max(1.0, rng.uniform(d / 8, d / 4) / s) for s in spacing]
+            lesion_hu = lesion_hu + rng.uniform(0.3, 1.0) * heterogeneity_hu * _smooth(rng, field.shape, sig)
         blended = (1 - alpha) * region + alpha * (lesion_hu + residual[sl])
         out[sl] = blended
         lid = next_id
@@ -189,7 +196,7 @@ def random_crop(image: Volume, size_mm: Sequence[float], rng: np.random.Generato
 def pasted_cases(backgrounds: Sequence[tuple[str, str | None]], n: int, config, cache_dir, seed: int = 0,
                  dataset: str = "paste", crop_mm: Sequence[float] = (200.0, 260.0, 260.0),
                  lesions_per_case: tuple[int, int] = (3, 6),
-                 diameter_mm: tuple[float, float] = (6.0, 80.0)) -> list:
+                 diameter_mm: tuple[float, float] = (6.0, 80.0), heterogeneity_hu: float = 0.0) -> list:
     """``n`` training cases (``train.data.Case``): background ``i % len(backgrounds)`` (an image path and an
     optional instance-label path whose lesions are kept), a random crop of at most ``crop_mm``, 3-6 pasted
     lesions; preprocessed as at inference and cached (a case is pasted once per seed)."""
@@ -211,6 +218,8 @@ def pasted_cases(backgrounds: Sequence[tuple[str, str | None]], n: int, config, 
         key = f"paste:v1:{Path(img_p).name}:{lab_p and Path(lab_p).name}:{seed}:{i}:{tuple(crop_mm)}"
         if tuple(diameter_mm) != (6.0, 80.0):  # the default keeps the keys (and caches) of earlier runs
             key += f":{tuple(float(v) for v in diameter_mm)}"
+        if heterogeneity_hu:
+            key += f":het{float(heterogeneity_hu)}"
         stem = f"{dataset}__paste_{i:04d}"
         meta = d / f"{stem}.json"
         if meta.is_file() and json.loads(meta.read_text(encoding="utf-8")).get("source_key") == key:
@@ -222,6 +231,7 @@ def pasted_cases(backgrounds: Sequence[tuple[str, str | None]], n: int, config, 
         rng = np.random.default_rng(np.random.SeedSequence([int(seed), i, 31337]))
         sub, sub_lab = random_crop(image, crop_mm, rng, labels)
         k = int(rng.integers(lesions_per_case[0], lesions_per_case[1] + 1))
-        img, lab, _ = paste_lesions(sub, k, seed=int(rng.integers(2 ** 31)), labels=sub_lab, diameter_mm=diameter_mm)
+        img, lab, _ = paste_lesions(sub, k, seed=int(rng.integers(2 ** 31)), labels=sub_lab, diameter_mm=diameter_mm,
+                                    heterogeneity_hu=heterogeneity_hu)
         out.append(D.cache_case(f"paste_{i:04d}", dataset, img, lab, config, cache_dir, key))
     return out

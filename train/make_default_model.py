@@ -59,6 +59,7 @@ PHASE1_CROP_MM = (200.0, 260.0, 260.0)
 PHASE1_EPOCHS = 85
 DIAMETER_MM = (6.0, 150.0)
 CROP_MM = (240.0, 330.0, 330.0)
+HETEROGENEITY_HU = 35.0  # phase 2: heterogeneous masses (lesion_paste.paste_lesions); phase 1 had none
 # Training data: lesions pasted into the real CTs of <data> (train/lesion_paste.py, log-uniform diameters, so
 # lesions of every size appear at their true scale), phantoms, and the real DeepLesion lesions.
 N_PASTED = 48
@@ -108,8 +109,8 @@ def paste_backgrounds(data_root: Path) -> list[tuple[Path, Path | None]]:
 
 
 def training_cases(work: Path, data_root: Path, config, phantoms: int, pasted: int, seed: int,
-                   diameter_mm: tuple[float, float] = DIAMETER_MM, crop_mm: Sequence[float] = CROP_MM
-                   ) -> tuple[list[D.Case], list[D.Case]]:
+                   diameter_mm: tuple[float, float] = DIAMETER_MM, crop_mm: Sequence[float] = CROP_MM,
+                   heterogeneity_hu: float = HETEROGENEITY_HU) -> tuple[list[D.Case], list[D.Case]]:
     """(training cases, validation cases): pasted lesions, phantoms and the real DeepLesion lesions; the
     validation cases are pasted and phantom cases from other seeds."""
     from .lesion_paste import pasted_cases
@@ -119,7 +120,7 @@ def training_cases(work: Path, data_root: Path, config, phantoms: int, pasted: i
     backgrounds = paste_backgrounds(data_root)
     train_cases = D.load_case_files(reals, config, cache)
     train_cases += D.phantom_cases(phantoms, config, cache, seed=seed)
-    paste_kw = {"crop_mm": crop_mm, "diameter_mm": diameter_mm}
+    paste_kw = {"crop_mm": crop_mm, "diameter_mm": diameter_mm, "heterogeneity_hu": heterogeneity_hu}
     if pasted and backgrounds:
         train_cases += pasted_cases(backgrounds, pasted, config, cache, seed=seed, **paste_kw)
     val_cases = D.phantom_cases(2, config, cache, seed=seed + 100003, dataset="phantom_val")
@@ -130,10 +131,10 @@ def training_cases(work: Path, data_root: Path, config, phantoms: int, pasted: i
 
 def _train_phase(folder: Path, plans: dict, data_root: Path, epochs: int, iters: int, phantoms: int, seed: int,
                  batch_size: int, resume: bool, pasted: int, lr: float, diameter_mm: tuple[float, float],
-                 crop_mm: Sequence[float], init: Path | None) -> Path:
+                 crop_mm: Sequence[float], heterogeneity_hu: float, init: Path | None) -> Path:
     config = config_from_dicts(plans, make_dataset_json())
     train_cases, val_cases = training_cases(folder.parent, data_root, config, phantoms, pasted, seed, diameter_mm,
-                                            crop_mm)
+                                            crop_mm, heterogeneity_hu)
     present = {c.dataset for c in train_cases}
     weights = {k: v for k, v in WEIGHTS.items() if k in present}
     cfg = SegmentConfig(output=folder, plans=plans, prompt="mixed", epochs=epochs, iters_per_epoch=iters,
@@ -158,10 +159,10 @@ def train(work: Path, data_root: Path, epochs: int, iters: int, phantoms: int, s
     phase1 = work / "phase1"
     if not (phase1 / "fold_0" / "checkpoint_final.pth").is_file():
         _train_phase(phase1, default_plans(PHASE1_PATCH, PHASE1_SPACING), data_root, phase1_epochs, iters, phantoms,
-                     seed, batch_size, resume, pasted, LR, PHASE1_DIAMETER_MM, PHASE1_CROP_MM, None)
+                     seed, batch_size, resume, pasted, LR, PHASE1_DIAMETER_MM, PHASE1_CROP_MM, 0.0, None)
     init = None if (resume and (work / "model" / "fold_0" / "checkpoint_latest.pth").is_file()) else phase1
     return _train_phase(work / "model", default_plans(), data_root, epochs, iters, phantoms, seed, batch_size, resume,
-                        pasted, PHASE2_LR, DIAMETER_MM, CROP_MM, init)
+                        pasted, PHASE2_LR, DIAMETER_MM, CROP_MM, HETEROGENEITY_HU, init)
 
 
 def export(work: Path, output: Path) -> list[Path]:
@@ -305,6 +306,31 @@ def by_size(records: Sequence[dict]) -> list[dict]:
     return rows
 
 
+def evaluation_tables(result: dict[str, Any]) -> str:
+    """Markdown tables of an ``evaluate`` result (for the model card): by group, per lesion, by size."""
+    lines = ["| lesions | prompt | n prompts | model Dice | model NSD | model + TTA Dice | baseline Dice "
+             "| baseline NSD |", "|---|---|---|---|---|---|---|---|"]
+    for key, v in result["summary"].items():
+        group, kind = key.split("/")
+        lines.append(f"| {group} ({v['n_lesions']}) | {kind} | {v['n_prompts']} | {v['model_dice']:.3f} | "
+                     f"{v['model_nsd2mm']:.3f} | {v['model_tta_dice']:.3f} | {v['baseline_dice']:.3f} | "
+                     f"{v['baseline_nsd2mm']:.3f} |")
+    lines += ["", "| lesion | group | ml | point: model | point: baseline | box: model | box: baseline | prompts grown "
+                  "(max tiles) |", "|---|---|---|---|---|---|---|---|"]
+    for r in result["per_lesion"]:
+        lines.append(f"| {r['case']} #{r['lesion']} | {r['group']} | {r['gt_ml']:.1f} | "
+                     f"{r.get('point_model_dice', '')} | {r.get('point_baseline_dice', '')} | "
+                     f"{r.get('box_model_dice', '')} | {r.get('box_baseline_dice', '')} | "
+                     f"{r['grown_prompts']} ({r['max_tiles']}) |")
+    lines += ["", "| group | ml | lesions | point: model | point: baseline | box: model | box: baseline |",
+              "|---|---|---|---|---|---|---|"]
+    for r in result["by_size"]:
+        lines.append(f"| {r['group']} | {r['ml']} | {r['n_lesions']} | {r.get('point_model_dice', '')} | "
+                     f"{r.get('point_baseline_dice', '')} | {r.get('box_model_dice', '')} | "
+                     f"{r.get('box_baseline_dice', '')} |")
+    return "\n".join(lines) + "\n"
+
+
 def evaluate_tracking(package: Path, data_root: Path, seed: int = 0, n_phantoms: int = 2) -> dict[str, Any]:
     """Tracking with the packaged model (classical propagation) into synthetic follow-ups of the held-out
     real cases and of held-out phantoms (``LesionLocatorLib.synthetic.longitudinal.make_followup``: lesion growth or
@@ -394,6 +420,7 @@ def run(args: argparse.Namespace) -> int:
         result["tracking"] = evaluate_tracking(args.output / "LesionLocatorCheckpoint", args.data, args.seed)
         result["command"] = "python -m train default-model " + " ".join(sys.argv[2:])
         (args.output / "evaluation.json").write_text(json.dumps(result, indent=1))
+        (args.output / "evaluation.md").write_text(evaluation_tables(result), encoding="utf-8")
         print(json.dumps({"segmentation": result["summary"], "tracking": result["tracking"]["summary"]}, indent=1))
     return 0
 

@@ -95,3 +95,20 @@ def test_pasted_cases_are_cached(background, tmp_path):
         np.testing.assert_array_equal(a.labels, b.labels)
     with pytest.raises(P.PasteError):
         P.pasted_cases([], 1, config, tmp_path / "cache")
+
+
+def test_heterogeneous_masses(background):
+    """heterogeneity_hu adds compartment-scale density variation to a large lesion (its mask unchanged); 0 (the
+    phase-1 data) draws the same random numbers as before the option existed."""
+    plain, lab0, placed0 = P.paste_lesions(background, 1, seed=21, diameter_mm=(40.0, 60.0))
+    again, _, _ = P.paste_lesions(background, 1, seed=21, diameter_mm=(40.0, 60.0), heterogeneity_hu=0.0)
+    np.testing.assert_array_equal(plain.array, again.array)
+    het, lab1, placed1 = P.paste_lesions(background, 1, seed=21, diameter_mm=(40.0, 60.0), heterogeneity_hu=60.0)
+    np.testing.assert_array_equal(lab0.array, lab1.array)  # the same lesion, drawn first
+    m = lab0.array == 1
+    diff = het.array.astype(np.float32) - plain.array.astype(np.float32)
+    assert diff[m].std() > 8.0  # 0.3-1 x 60 HU of compartments (less at the soft edge and int16 rounding)
+    from scipy import ndimage  # compartments, not noise: most of the difference survives a 5-voxel mean
+
+    smooth = ndimage.uniform_filter(diff, 5)
+    assert smooth[ndimage.binary_erosion(m, iterations=3)].std() > 0.5 * diff[m].std()

@@ -115,6 +115,8 @@ def test_evaluate_scores_model_tta_and_baseline_on_the_same_prompts(tmp_path):
         assert row["box_model_dice"] == round(next(r["model"]["dice"] for r in mine if r["prompt"] == "box"), 3)
         assert row["gt_ml"] > 0
     assert sum(b["n_lesions"] for b in out["by_size"]) == len(rows)
+    md = M.evaluation_tables(out)
+    assert md.count("\n| phantom_eval_0 #") == len(rows) and "| phantom_heldout (3) | point | 6 |" in md
     for v in summ.values():
         assert all(0.0 <= v[f"{w}_dice"] <= 1.0 for w in ("model", "model_tta", "baseline"))
 
