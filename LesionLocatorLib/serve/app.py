@@ -309,17 +309,44 @@ def create_app(cfg: ServerConfig, service: Optional[ModelService] = None) -> Fas
         body, arrays = await read_body(request, TrackRequest)
         images = [image_of(s, h) for h in [body.baseline, *body.followups]]
         t0 = time.perf_counter()
+        s.cancel.clear()  # here, not when the job starts: a cancel sent while it waits in the queue counts
+
+        def check() -> None:
+            state.worker.check_current()
+            if s.cancel.is_set():
+                raise ApiError(409, "cancelled", "the client cancelled the tracking request")
+
+        def report(fraction: float, message: str) -> None:
+            s.progress = (float(fraction), str(message))
 
         def job() -> bytes:
             state.service.prune(state.store.live_keys())
-            res = state.service.track(images[0][1], [v for _, v in images[1:]], body.prompts, arrays,
-                                      body.from_baseline, body.propagation, body.refine, body.folds, body.tta,
-                                      body.grow, check=state.worker.check_current)
+            s.progress = (0.0, "started")
+            try:
+                res = state.service.track(images[0][1], [v for _, v in images[1:]], body.prompts, arrays,
+                                          body.from_baseline, body.propagation, body.refine, body.folds, body.tta,
+                                          body.grow, check=check, progress=report)
+            finally:
+                s.progress = None
             s.requests += 1
             return encode_results([(h, v.shape, r.lesions.values()) for (h, v), r in zip(images, res.timepoints)],
                                   {"elapsed_ms": round((time.perf_counter() - t0) * 1000, 3)})
 
         return _container_reply(await on_worker(request, owner, job))
+
+    @router.get(f"{API}/sessions/{{session_id}}/progress", summary="Progress of the session's running tracking job")
+    async def progress(session_id: str, owner: str = Depends(authenticate.owner)) -> dict:
+        s = session_of(owner, session_id)
+        p = s.progress
+        return {"running": p is not None, "fraction": None if p is None else p[0],
+                "message": None if p is None else p[1]}
+
+    @router.post(f"{API}/sessions/{{session_id}}/cancel",
+                 summary="Stop the session's tracking job before its next tile (it answers 409 cancelled)")
+    async def cancel(session_id: str, owner: str = Depends(authenticate.owner)) -> dict:
+        s = session_of(owner, session_id)
+        s.cancel.set()
+        return {"cancelled": True, "running": s.progress is not None}
 
     @router.get("/openapi.json", include_in_schema=False)
     async def openapi() -> JSONResponse:

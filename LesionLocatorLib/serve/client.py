@@ -30,6 +30,7 @@ from .wire import (MEDIA_TYPE, PROTOCOL_VERSION, WireError, content_hash, decode
                    iter_encode_volume)
 
 API = "/v1"
+PROGRESS_POLL_S = 0.3  # how often a long request in flight asks the server for its progress
 CLIENT_KEY_HEADER = "X-LesionLocator-Client"
 Progress = Callable[[float, str], None]
 
@@ -148,6 +149,8 @@ class RemoteBackend:
         self._http.trust_env = False  # never route loopback traffic through an HTTP proxy from the environment
         self._http.verify = verify  # https: True, or a CA bundle path for a self-signed server certificate
         self._lock = threading.Lock()  # one request at a time on the shared connection
+        self._side: Optional[Any] = None  # a second connection for progress / cancel while a request runs
+        self._side_lock = threading.Lock()
         self.upload_threads = upload_threads or max(1, min(4, (_cpu_count() or 2) - 1))
         self.compression_level = compression_level
         self.capabilities: Optional[Dict[str, Any]] = None
@@ -186,6 +189,8 @@ class RemoteBackend:
         for s in list(self._open):
             s.close()
         self._http.close()
+        if self._side is not None:
+            self._side.close()
 
     def __enter__(self) -> "RemoteBackend":
         return self
@@ -201,14 +206,21 @@ class RemoteBackend:
     def settings_json(self) -> Dict[str, Any]:
         return {"folds": self.folds, "tta": self.tta, "grow": self.grow}
 
-    def request(self, method: str, path: str, *, expect: str = "json", **kw: Any) -> Any:
+    def request(self, method: str, path: str, *, expect: str = "json", side: bool = False, **kw: Any) -> Any:
+        """One request on the shared connection, or (``side``) on a second one that a long request in flight
+        does not block (progress polls, cancel)."""
         import requests
 
         url = f"{self.url}{path}"
         kw.setdefault("timeout", self.timeout)
+        if side and self._side is None:
+            self._side = requests.Session()
+            self._side.headers.update(self._http.headers)  # the same token and client key
+            self._side.trust_env, self._side.verify = False, self._http.verify
+        http, lock = (self._side, self._side_lock) if side else (self._http, self._lock)
         try:
-            with self._lock:
-                resp = self._http.request(method, url, **kw)
+            with lock:
+                resp = http.request(method, url, **kw)
         except requests.exceptions.Timeout as exc:
             raise ServerTimeout(f"no answer from {url} within {self.timeout} s ({type(exc).__name__}); "
                                 "the server may be busy with a long request", url=url) from None
@@ -221,8 +233,9 @@ class RemoteBackend:
         req = resp.request
         body = req.body if isinstance(req.body, (bytes, bytearray)) else (
             req.body.encode() if isinstance(req.body, str) else b"")
-        self.last_request_bytes = _head_bytes(req) + len(body)
-        self.last_response_bytes = len(resp.content) + sum(len(k) + len(v) + 4 for k, v in resp.headers.items())
+        if not side:
+            self.last_request_bytes = _head_bytes(req) + len(body)
+            self.last_response_bytes = len(resp.content) + sum(len(k) + len(v) + 4 for k, v in resp.headers.items())
         if resp.status_code >= 400:
             raise _error_from_response(resp, self.url)
         if expect == "json":
@@ -353,6 +366,46 @@ class _ServerSession:
                     self.backend.select(sid, vol, digest)
             return fn(sid)
 
+    def _watched(self, fn: Callable[[str], Any], progress: Optional[Progress],
+                 cancel: Optional[threading.Event]) -> Any:
+        """``_call(fn)`` in a helper thread while this thread polls the server's progress of the session's job
+        (every ``PROGRESS_POLL_S``) and passes a cancel on; the server then stops before its next tile and the
+        request ends with 409 ``cancelled``. If ``progress`` raises (the caller stops), the server is told too."""
+        from concurrent.futures import ThreadPoolExecutor
+        from concurrent.futures import TimeoutError as FutureTimeout
+
+        asked = [False]
+
+        def ask_cancel() -> None:
+            if not asked[0] and self.session_id is not None:
+                asked[0] = True
+                try:
+                    self.backend.request("POST", f"{API}/sessions/{self.session_id}/cancel", side=True, timeout=10)
+                except ServerError:
+                    pass  # the request itself reports what happened
+
+        with ThreadPoolExecutor(1, thread_name_prefix="lesionlocator-request") as pool:
+            fut = pool.submit(self._call, fn)
+            try:
+                while True:
+                    try:
+                        return fut.result(timeout=PROGRESS_POLL_S)
+                    except FutureTimeout:
+                        pass
+                    if cancel is not None and cancel.is_set():
+                        ask_cancel()
+                    elif progress is not None and self.session_id is not None:
+                        try:
+                            p = self.backend.request("GET", f"{API}/sessions/{self.session_id}/progress",
+                                                     side=True, timeout=10)
+                        except ServerError:
+                            continue  # best effort: the request itself reports real failures
+                        if isinstance(p, dict) and p.get("running") and isinstance(p.get("fraction"), (int, float)):
+                            progress(float(p["fraction"]), str(p.get("message") or ""))
+            except BaseException:
+                ask_cancel()  # the caller is leaving: the server stops too (the pool waits for the request)
+                raise
+
     def close(self) -> None:
         """Delete the server session (best effort); the backend stays usable."""
         if self.session_id is not None:
@@ -470,8 +523,9 @@ class RemoteTracker(_ServerSession):
     def track(self, prompts: Any = None, *, points: Any = None, boxes: Any = None, masks: Any = None,
               space: str = "voxel", from_baseline: bool = False, progress: Optional[Progress] = None,
               cancel: Optional[threading.Event] = None) -> TrackingResult:
-        """Track lesions prompted on the baseline into every follow-up (see ``LesionTracker.track``). One request:
-        progress reports its start and end; a cancel set before or during it raises ``Cancelled``."""
+        """Track lesions prompted on the baseline into every follow-up (see ``LesionTracker.track``). One request;
+        with ``progress`` or ``cancel`` the server's progress is polled while it runs and a cancel stops it before
+        its next tile, raising ``Cancelled`` as in-process."""
         from ..core.prompts import prompts_to_json
 
         if not self._images:
@@ -480,17 +534,27 @@ class RemoteTracker(_ServerSession):
         todo = _resolve(base, prompts, points, boxes, masks, space)
         _check_cancel(cancel)
         if progress:
-            progress(0.0, "baseline")  # as in-process; the server's steps in between are not streamed
+            progress(0.0, "baseline")
         arrays: List[np.ndarray] = []
         body = {"baseline": self._hashes[0], "followups": self._hashes[1:], "prompts": prompts_to_json(todo, arrays),
                 "from_baseline": bool(from_baseline), "propagation": self._asked[0], "refine": self._asked[1],
                 **self.backend.settings_json()}
-        reply = self._call(lambda sid: self.backend.post(f"{API}/sessions/{sid}/track", body, arrays,
-                                                         len(todo) * _reply_limit(self._images)))
+
+        def post(sid: str) -> Any:
+            return self.backend.post(f"{API}/sessions/{sid}/track", body, arrays,
+                                     len(todo) * _reply_limit(self._images))
+
+        try:
+            reply = self._watched(post, progress, cancel) if (progress or cancel) else self._call(post)
+        except RequestRejected as exc:
+            if exc.code == "cancelled":
+                from ..core.jobs import Cancelled
+
+                raise Cancelled("cancelled") from None
+            raise
         if reply.images != self._hashes:
             raise ProtocolMismatch(f"server {self.backend.url} answered for other images", url=self.backend.url)
-        # a cancel during the (uninterruptible) request: in-process it would have stopped between steps
-        _check_cancel(cancel)
+        _check_cancel(cancel)  # set after the server's last check: as in-process, the work is dropped
         if progress:
             progress(1.0, "done")
         res = [SegmentationResult(v, lesions) for v, lesions in zip(self._images, reply.results)]

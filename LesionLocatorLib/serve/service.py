@@ -379,8 +379,8 @@ class ModelService:
 
     def track(self, baseline: Volume, followups: List[Volume], prompts: Mapping[str, Any],
               arrays: Sequence[np.ndarray], from_baseline: bool, propagation: Optional[str], refine: Optional[str],
-              folds: Any, tta: bool, grow: Optional[bool], check: Optional[Callable[[], None]] = None
-              ) -> TrackingResult:
+              folds: Any, tta: bool, grow: Optional[bool], check: Optional[Callable[[], None]] = None,
+              progress: Optional[Callable[[float, str], None]] = None) -> TrackingResult:
         from ..core.prompts import parse_prompts
         from ..model.engine import KINDS
 
@@ -404,6 +404,6 @@ class ModelService:
         try:
             tracker.set_images(baseline, followups)
             # the tracker checks its cancel event between lesions and follow-ups, its sessions before every tile
-            return tracker.track(parsed, from_baseline=from_baseline, cancel=_CheckAsEvent(between))
+            return tracker.track(parsed, from_baseline=from_baseline, cancel=_CheckAsEvent(between), progress=progress)
         finally:
             tracker.close()  # its images and cached preprocessing go now, not with the next request

@@ -64,6 +64,9 @@ class Session:
     uploads: int = 0
     reuses: int = 0
     requests: int = 0
+    # the running tracking job's progress (fraction, message), for GET .../progress; None: none running
+    progress: Optional[Tuple[float, str]] = None
+    cancel: threading.Event = field(default_factory=threading.Event)  # POST .../cancel: stop before the next tile
 
     def image_bytes(self) -> int:
         return sum(int(v.array.nbytes) for v in self.images.values())

@@ -101,6 +101,39 @@ def test_real_server_tracks_exactly_as_in_process(server, checkpoint):
         assert any(les.found for les in got.followups[-1].lesions.values())
 
 
+def test_remote_tracking_progress_and_cancel(server):
+    """Tracking through a server reports the server's steps while the request runs, and a cancel stops the job
+    before its next tile (``Cancelled``, as in-process); the session stays usable and gives the same result."""
+    from LesionLocatorLib.core.jobs import Cancelled
+
+    base, fu1, fu2 = lung_ct(1), lung_ct(2, 2), lung_ct(3, 3)
+    prompts = dict(points={1: (15, 24, 22), 2: (15, 30, 30)})
+    with open_backend(server=server.url, token=TOKEN) as backend:
+        tr = backend.tracker()
+        tr.set_images(base, [fu1, fu2])
+        seen = []
+        t0 = time.perf_counter()
+        full = tr.track(progress=lambda f, m: seen.append((f, m)), **prompts)
+        full_s = time.perf_counter() - t0
+        inner = [(f, m) for f, m in seen if 0 < f < 1]
+        assert seen[0] == (0.0, "baseline") and seen[-1] == (1.0, "done") and inner, (full_s, seen)
+        assert any("lesion" in m or "registration" in m for _, m in inner), inner  # the tracker's own messages
+        cancel = threading.Event()
+
+        def stop_at_first_step(f, m):
+            if 0 < f < 1:
+                cancel.set()
+
+        with pytest.raises(Cancelled):
+            tr.track(progress=stop_at_first_step, cancel=cancel, **prompts)
+        assert cancel.is_set()
+        info = backend.request("GET", f"/v1/sessions/{tr.session_id}/progress")
+        assert info == {"running": False, "fraction": None, "message": None}
+        again = tr.track(**prompts)
+        for g, e in zip(again.timepoints, full.timepoints):
+            assert_same(g, e)
+
+
 def test_bundled_model_classical_tracking_and_default_settings(tmp_path):
     """``lesionlocator serve`` without -m serves the bundled model; tracking is classical propagation refined by
     the segmentation model, and default settings on both sides give the same masks."""
