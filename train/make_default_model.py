@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from LesionLocatorLib.model.checkpoint import write_checkpoint
+from LesionLocatorLib.core.geometry import Volume
 from LesionLocatorLib.core.image_io import read_image
 from LesionLocatorLib.measure.metrics import dice, normalized_surface_dice
 from LesionLocatorLib.synthetic.phantom import make_phantom
@@ -205,7 +206,7 @@ def _score(pred: np.ndarray, gt: np.ndarray, spacing) -> dict[str, float]:
 
 
 def evaluate(package: Path, data_root: Path, seed: int = 0, n_random_points: int = 4, n_phantoms: int = 3,
-             include_training_cases: bool = True) -> dict[str, Any]:
+             include_training_cases: bool = True, scaled: bool = True) -> dict[str, Any]:
     """Dice / NSD of the packaged model and the region-growing baseline on the same prompts."""
     from LesionLocatorLib.model.engine import LesionLocatorModel
 
@@ -224,6 +225,11 @@ def evaluate(package: Path, data_root: Path, seed: int = 0, n_random_points: int
         img = read_image(c["image"])
         lab = read_image(c["labels"]).array
         items.append((group, c["name"], img, lab, c["lesions"]))
+        if held_out and scaled:
+            # the same real lesion at twice its size (every spacing doubled: 8x the volume), for lesions larger
+            # than the small patches and fields of view; same voxels, same prompts
+            big = Volume(img.array, tuple(2.0 * s for s in img.spacing), img.origin, img.direction)
+            items.append((group + "_x2", c["name"] + "_x2", big, lab, c["lesions"]))
     for i in range(n_phantoms):
         # seeds disjoint from the training (seed, i, 4242) and validation phantoms
         ct, lab = make_phantom((64, 128, 128), (2.0, 1.5, 1.5), n_lesions=3, seed=900000 + seed * 100 + i)

@@ -152,3 +152,25 @@ def test_two_phase_training_fine_tunes_phase_one(tmp_path, monkeypatch):
     before = (work / "phase1" / "fold_0" / "checkpoint_final.pth").stat().st_mtime_ns
     M.train(work, tmp_path / "no_data", epochs=1, iters=1, phantoms=2, seed=0, batch_size=1, resume=False, pasted=0)
     assert (work / "phase1" / "fold_0" / "checkpoint_final.pth").stat().st_mtime_ns == before
+
+
+def test_evaluate_adds_held_out_lesions_at_twice_their_size(tmp_path):
+    """Each held-out real case is also scored with every spacing doubled (the same voxels and prompts: a lesion
+    8x the volume), as group ``<group>_x2``; training cases are not."""
+    from LesionLocatorLib.core.geometry import Volume
+    from LesionLocatorLib.core.image_io import write_image
+    from LesionLocatorLib.model.tiny_model import write_random_checkpoint
+
+    root = write_random_checkpoint(tmp_path / "ck", spacing=(2.0, 1.5, 1.5)) / "LesionLocatorCheckpoint"
+    ct, lab = make_phantom((24, 48, 48), (2.0, 1.5, 1.5), n_lesions=1, seed=5)
+    data = tmp_path / "data"
+    write_image(ct, data / "sts" / "STS_900_ct.nii.gz")
+    write_image(lab, data / "sts" / "STS_900_lesions.nii.gz")
+    (data / "cases.json").write_text(json.dumps({"STS_900": {"image": "STS_900_ct.nii.gz",
+                                                             "lesions": "STS_900_lesions.nii.gz"}}))
+    out = M.evaluate(root, data, seed=0, n_random_points=0, n_phantoms=0)
+    by_case = {r["case"]: r for r in out["records"] if r["prompt"] == "box"}
+    assert set(by_case) == {"STS_900", "STS_900_x2"}
+    assert by_case["STS_900_x2"]["group"] == "real_sts_heldout_x2"
+    assert by_case["STS_900_x2"]["gt_ml"] == pytest.approx(8 * by_case["STS_900"]["gt_ml"], abs=0.05)  # ml are rounded to 0.01
+    assert by_case["STS_900_x2"]["gt_voxels"] == by_case["STS_900"]["gt_voxels"]
