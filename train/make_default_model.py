@@ -2,6 +2,12 @@
 
     python -m train default-model --work /tmp/ll_default --data ../shared/data        # all stages
     python -m train default-model --work /tmp/ll_default --stage evaluate              # re-evaluate only
+    python -m train default-model --work /tmp/ll_default --final-phase 2               # + the 16 cm phase
+
+Phase 1 (the default, the shipped model): a 80 x 72 x 72 mm patch at 2.5 x 1.5 x 1.5 mm, lesions of 6-80 mm.
+Phase 2 (``--final-phase 2``, experimental, not shipped: see the model card for what it measured): every
+phase-1 weight fine-tuned at a 96 x 160 x 160 mm field of view (32 x 80 x 80 at 3 x 2 x 2 mm) on lesions up
+to 15 cm with heterogeneous densities.
 
 Stages:
 1. ``train``: one small promptable ResEnc UNet trained with this project's segmentation trainer
@@ -44,15 +50,14 @@ PACKAGE_DIR = Path(__file__).resolve().parents[1] / "LesionLocatorLib" / "defaul
 TRAIN_DATASETS = ("deeplesion",)  # real cases used for training
 EVAL_DATASETS = ("sts",)  # real cases held out for evaluation
 
-# The default model's plans: a 96 x 160 x 160 mm field of view (so lesions up to ~15 cm fit in-plane) on a
-# coarse grid, so one click costs about half a second on a CPU.
+# Phase 2's plans: a 96 x 160 x 160 mm field of view (lesions up to ~15 cm fit in-plane) on a coarse grid, so
+# one click costs about half a second on a CPU. Phase 2 is initialised with every phase-1 weight (the network
+# does not depend on the patch) and trained on lesions up to 15 cm, which phase 1 never saw filling its patch.
 PATCH = (32, 80, 80)
 SPACING = (3.0, 2.0, 2.0)
 FEATURES = (8, 16, 32, 64, 64)
 BLOCKS = (1, 1, 2, 2, 2)
-# Two phases, the second initialised with every weight of the first (the network does not depend on the patch):
-# phase 1 learns lesions on a fine grid with a small patch (cheap iterations); phase 2 moves to the final grid
-# and field of view with lesions up to 15 cm, which phase 1 never saw filling its patch.
+# Phase 1 (the shipped model): a fine grid and a small patch.
 PHASE1_PATCH = (32, 48, 48)
 PHASE1_SPACING = (2.5, 1.5, 1.5)
 PHASE1_DIAMETER_MM = (6.0, 80.0)
@@ -153,22 +158,30 @@ def _train_phase(folder: Path, plans: dict, data_root: Path, epochs: int, iters:
     return final
 
 
+def model_dir(work: Path, final_phase: int) -> Path:
+    return work / ("phase1" if final_phase == 1 else "model")
+
+
 def train(work: Path, data_root: Path, epochs: int, iters: int, phantoms: int, seed: int, batch_size: int,
-          resume: bool, pasted: int = N_PASTED, phase1_epochs: int = PHASE1_EPOCHS) -> Path:
-    """Phase 1 into ``work/phase1`` (skipped when its ``fold_0/checkpoint_final.pth`` exists), then phase 2
-    into ``work/model`` initialised with every phase-1 weight."""
-    phase1 = work / "phase1"
-    if not (phase1 / "fold_0" / "checkpoint_final.pth").is_file():
-        _train_phase(phase1, default_plans(PHASE1_PATCH, PHASE1_SPACING), data_root, phase1_epochs, iters, phantoms,
-                     seed, batch_size, resume, pasted, LR, PHASE1_DIAMETER_MM, PHASE1_CROP_MM, 0.0, None)
+          resume: bool, pasted: int = N_PASTED, phase1_epochs: int = PHASE1_EPOCHS, final_phase: int = 1) -> Path:
+    """Phase 1 into ``work/phase1`` (skipped when its ``fold_0/checkpoint_final.pth`` exists); with
+    ``final_phase=2``, phase 2 into ``work/model`` initialised with every phase-1 weight."""
+    phase1 = model_dir(work, 1)
+    final1 = phase1 / "fold_0" / "checkpoint_final.pth"
+    if not final1.is_file():
+        final1 = _train_phase(phase1, default_plans(PHASE1_PATCH, PHASE1_SPACING), data_root, phase1_epochs, iters,
+                              phantoms, seed, batch_size, resume, pasted, LR, PHASE1_DIAMETER_MM, PHASE1_CROP_MM, 0.0,
+                              None)
+    if final_phase == 1:
+        return final1
     init = None if (resume and (work / "model" / "fold_0" / "checkpoint_latest.pth").is_file()) else phase1
     return _train_phase(work / "model", default_plans(), data_root, epochs, iters, phantoms, seed, batch_size, resume,
                         pasted, PHASE2_LR, DIAMETER_MM, CROP_MM, HETEROGENEITY_HU, init)
 
 
-def export(work: Path, output: Path) -> list[Path]:
+def export(work: Path, output: Path, final_phase: int = 1) -> list[Path]:
     """Copy the trained model into the package layout (float16 weights, no optimizer state)."""
-    model = work / "model"
+    model = model_dir(work, final_phase)
     src = model / "fold_0" / "checkpoint_final.pth"
     ckpt = torch.load(src, map_location="cpu", weights_only=False)
     plans = json.loads((model / "plans.json").read_text())
@@ -395,8 +408,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="folder with cases.json (real CTs)")
     parser.add_argument("--output", type=Path, default=PACKAGE_DIR, help="package folder to write")
     parser.add_argument("--stage", choices=("all", "train", "export", "evaluate"), default="all")
-    parser.add_argument("--epochs", type=int, default=40, help="phase-2 epochs")
     parser.add_argument("--phase1-epochs", type=int, default=PHASE1_EPOCHS)
+    parser.add_argument("--final-phase", type=int, choices=(1, 2), default=1,
+                        help="1: the shipped model; 2: also the experimental 16 cm phase, exported instead")
+    parser.add_argument("--epochs", type=int, default=36, help="phase-2 epochs")
     parser.add_argument("--iters", type=int, default=50)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--phantoms", type=int, default=20)
@@ -415,11 +430,11 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.time()
     if args.stage in ("all", "train"):
         train(args.work, args.data, args.epochs, args.iters, args.phantoms, args.seed, args.batch_size, args.resume,
-              args.pasted, args.phase1_epochs)
+              args.pasted, args.phase1_epochs, args.final_phase)
         print(f"training took {time.time() - t0:.0f} s", flush=True)
     if args.stage in ("all", "export"):
         args.output.mkdir(parents=True, exist_ok=True)
-        for p in export(args.work, args.output):
+        for p in export(args.work, args.output, args.final_phase):
             print(f"exported {p} ({p.stat().st_size / 1e6:.2f} MB)")
     if args.stage in ("all", "evaluate"):
         result = evaluate(args.output / "LesionLocatorCheckpoint", args.data, args.seed)

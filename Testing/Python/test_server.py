@@ -245,7 +245,8 @@ def test_version_settings_and_openapi(srv, local):
     paths = spec["paths"]
     assert set(paths) == {"/v1/health", "/v1/version", "/v1/sessions", "/v1/sessions/{session_id}",
                           "/v1/sessions/{session_id}/image", "/v1/sessions/{session_id}/image/reuse",
-                          "/v1/sessions/{session_id}/segment", "/v1/sessions/{session_id}/track"}
+                          "/v1/sessions/{session_id}/segment", "/v1/sessions/{session_id}/track",
+                          "/v1/sessions/{session_id}/progress", "/v1/sessions/{session_id}/cancel"}
     seg = json.dumps(paths["/v1/sessions/{session_id}/segment"])
     assert MEDIA_TYPE in seg and "probabilities" in seg and "folds" in seg
     assert spec["components"]["securitySchemes"]["bearer"]["scheme"] == "bearer" and spec["security"]
@@ -417,6 +418,8 @@ def test_isolation_between_clients(srv):
                                   {"json": {"prompts": {"1": {"point": [1, 1, 1]}}}}),
                                  ("POST", f"/v1/sessions/{sid}/image/reuse", {"json": {"hash": content_hash(vol)}}),
                                  ("PUT", f"/v1/sessions/{sid}/image", {"data": encode_volume(ct(seed=5))}),
+                                 ("GET", f"/v1/sessions/{sid}/progress", {}),
+                                 ("POST", f"/v1/sessions/{sid}/cancel", {}),
                                  ("DELETE", f"/v1/sessions/{sid}", {})]:
             r = raw(srv, method, path, token, key, **kw)
             assert r.status_code == 404, (method, path, token, key, r.text)

@@ -17,8 +17,9 @@ from LesionLocatorLib.model.engine import LesionLocatorModel
 from train import make_default_model as M
 
 
-def test_default_plans_are_valid_and_small():
-    plans = M.default_plans()
+@pytest.mark.parametrize("phase", [1, 2])
+def test_default_plans_are_valid_and_small(phase):
+    plans = M.default_plans() if phase == 2 else M.default_plans(M.PHASE1_PATCH, M.PHASE1_SPACING)
     cfg = config_from_dicts(plans, make_dataset_json())
     n = len(cfg.arch_kwargs["features_per_stage"])
     assert all(p % 2 ** (n - 1) == 0 for p in cfg.patch_size)
@@ -39,8 +40,8 @@ def test_export_writes_both_models_fp16(tmp_path):
     work = tmp_path / "work"
     plans = M.default_plans()
     net = build_network(config_from_dicts(plans, make_dataset_json()), 2)
-    write_checkpoint(work / "model", plans, make_dataset_json(), 0, net.state_dict())
-    (work / "model" / "fold_0" / "training_log.jsonl").write_text('{"epoch": 0}\n')
+    write_checkpoint(work / "phase1", plans, make_dataset_json(), 0, net.state_dict())
+    (work / "phase1" / "fold_0" / "training_log.jsonl").write_text('{"epoch": 0}\n')
     paths = M.export(work, tmp_path / "pkg")
     assert [p.parent.parent.name for p in paths] == ["point_optimized", "bbox_optimized"]
     ck = torch.load(paths[0], map_location="cpu", weights_only=False)
@@ -131,7 +132,7 @@ def test_two_phase_training_fine_tunes_phase_one(tmp_path, monkeypatch):
     torch.set_num_threads(1)
     work = tmp_path / "work"
     M.train(work, tmp_path / "no_data", epochs=1, iters=1, phantoms=2, seed=0, batch_size=1, resume=False, pasted=0,
-            phase1_epochs=1)
+            phase1_epochs=1, final_phase=2)
     p1 = torch.load(work / "phase1" / "fold_0" / "checkpoint_final.pth", map_location="cpu", weights_only=False)
     p2 = torch.load(work / "model" / "fold_0" / "checkpoint_final.pth", map_location="cpu", weights_only=False)
     plans1 = json.loads((work / "phase1" / "plans.json").read_text())
@@ -150,8 +151,15 @@ def test_two_phase_training_fine_tunes_phase_one(tmp_path, monkeypatch):
     a, b = flat(p1), flat(p2)
     assert (b - a).norm() < 0.2 * (fresh_flat - a).norm()  # one small step away from phase 1, not a new start
     before = (work / "phase1" / "fold_0" / "checkpoint_final.pth").stat().st_mtime_ns
-    M.train(work, tmp_path / "no_data", epochs=1, iters=1, phantoms=2, seed=0, batch_size=1, resume=False, pasted=0)
+    M.train(work, tmp_path / "no_data", epochs=1, iters=1, phantoms=2, seed=0, batch_size=1, resume=False, pasted=0,
+            final_phase=2)
     assert (work / "phase1" / "fold_0" / "checkpoint_final.pth").stat().st_mtime_ns == before
+    # the shipped recipe stops after phase 1 and exports it
+    assert M.train(work, tmp_path / "no_data", epochs=1, iters=1, phantoms=2, seed=0, batch_size=1, resume=False,
+                   pasted=0) == work / "phase1" / "fold_0" / "checkpoint_final.pth"
+    ck = torch.load(M.export(work, tmp_path / "pkg")[0], map_location="cpu", weights_only=False)
+    assert torch.equal(ck["network_weights"]["decoder.seg_layers.0.weight"],
+                       p1["network_weights"]["decoder.seg_layers.0.weight"].half())
 
 
 def test_evaluate_adds_held_out_lesions_at_twice_their_size(tmp_path):
@@ -172,5 +180,5 @@ def test_evaluate_adds_held_out_lesions_at_twice_their_size(tmp_path):
     by_case = {r["case"]: r for r in out["records"] if r["prompt"] == "box"}
     assert set(by_case) == {"STS_900", "STS_900_x2"}
     assert by_case["STS_900_x2"]["group"] == "real_sts_heldout_x2"
-    assert by_case["STS_900_x2"]["gt_ml"] == pytest.approx(8 * by_case["STS_900"]["gt_ml"], abs=0.05)  # ml are rounded to 0.01
+    assert by_case["STS_900_x2"]["gt_ml"] == pytest.approx(8 * by_case["STS_900"]["gt_ml"], abs=0.05)
     assert by_case["STS_900_x2"]["gt_voxels"] == by_case["STS_900"]["gt_voxels"]
