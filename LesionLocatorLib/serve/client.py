@@ -25,6 +25,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from ..core.geometry import Volume
+from ..core.jobs import Cancelled, check_cancel
 from ..core.results import SegmentationResult, TrackingResult
 from .wire import (MEDIA_TYPE, PROTOCOL_VERSION, WireError, content_hash, decode_results, encode_request,
                    iter_encode_volume)
@@ -430,13 +431,6 @@ def _resolve(image: Volume, prompts: Any, points: Any, boxes: Any, masks: Any, s
     return resolve_prompts(image, prompts, points, boxes, masks, space)
 
 
-def _check_cancel(cancel: Optional[threading.Event]) -> None:
-    if cancel is not None and cancel.is_set():
-        from ..core.jobs import Cancelled
-
-        raise Cancelled("cancelled")
-
-
 class RemoteSession(_ServerSession):
     """The twin of ``segment.session.SegmentSession`` on a server: same methods, arguments and results."""
 
@@ -474,7 +468,7 @@ class RemoteSession(_ServerSession):
         result = SegmentationResult(img)
         n = len(todo)
         for i, (lid, items) in enumerate(todo.items()):
-            _check_cancel(cancel)
+            check_cancel(cancel)
             if progress:
                 progress(i / n, f"lesion {lid} ({i + 1}/{n})")
             arrays: List[np.ndarray] = []
@@ -532,7 +526,7 @@ class RemoteTracker(_ServerSession):
             raise RuntimeError("call set_images() before track()")
         base = self._images[0]
         todo = _resolve(base, prompts, points, boxes, masks, space)
-        _check_cancel(cancel)
+        check_cancel(cancel)
         if progress:
             progress(0.0, "baseline")
         arrays: List[np.ndarray] = []
@@ -548,13 +542,11 @@ class RemoteTracker(_ServerSession):
             reply = self._watched(post, progress, cancel) if (progress or cancel) else self._call(post)
         except RequestRejected as exc:
             if exc.code == "cancelled":
-                from ..core.jobs import Cancelled
-
                 raise Cancelled("cancelled") from None
             raise
         if reply.images != self._hashes:
             raise ProtocolMismatch(f"server {self.backend.url} answered for other images", url=self.backend.url)
-        _check_cancel(cancel)  # set after the server's last check: as in-process, the work is dropped
+        check_cancel(cancel)  # set after the server's last check: as in-process, the work is dropped
         if progress:
             progress(1.0, "done")
         res = [SegmentationResult(v, lesions) for v, lesions in zip(self._images, reply.results)]
